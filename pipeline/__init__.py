@@ -1,0 +1,1 @@
+"""Prep stage: raw images -> sharded Zarr store + manifest."""
