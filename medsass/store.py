@@ -66,8 +66,10 @@ def shard_bounds(shard: int, shard_records: int, n_records: int) -> tuple[int, i
 
 
 def create(path: str | Path, *, n_records: int, size: int, shard_records: int, attrs: dict[str, Any]) -> zarr.Group:
-    """Create the group and its three (N, S, S) arrays. ``attrs`` go under ``attrs['medsass']``."""
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    """Create the group and its three (N, S, S) arrays; ``attrs`` go under ``attrs['medsass']``.
+
+    Idempotent: a creation interrupted half-way is completed by calling it again."""
+    group = zarr.open_group(str(path), mode="a", zarr_format=3)
     meta = {
         "schema_version": SCHEMA_VERSION,
         "kind": "medsass-store",
@@ -76,9 +78,11 @@ def create(path: str | Path, *, n_records: int, size: int, shard_records: int, a
         "shard_records": shard_records,
         **attrs,
     }
-    group.attrs[ATTRS_KEY] = meta
+    if ATTRS_KEY not in group.attrs:
+        group.attrs[ATTRS_KEY] = meta
     for name in IMAGE_ARRAYS:
-        _create_array(group, name, n_records, size, shard_records)
+        if not (Path(path) / name / "zarr.json").exists():
+            _create_array(group, name, n_records, size, shard_records)
     return group
 
 

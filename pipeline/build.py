@@ -1,0 +1,412 @@
+"""``build-masks``: plan the inputs, process whole shards in parallel, assemble the manifest.
+
+Resumable by construction: the plan fixes every input's rows before any pixel is decoded; a shard
+counts as done once its manifest part ``_medsass/parts/shard-NNNNNN.parquet`` exists, and that part is
+written only after the shard's arrays. A re-run (also after ``kill -9``) skips finished shards and
+produces the same store as an uninterrupted run. Existing output is never wiped without
+``--overwrite``, and a store built with other parameters is never silently mixed.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import sys
+import time
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medsass import __version__, manifest, store
+from medsass.errors import InputError, StoreError
+
+from . import plan as planmod
+from .config import BuildConfig
+from .labels import LabelIndex
+from .parallel import dask_client, run_tasks
+from .plan import PlanEntry
+from .splits import GroupKeys, assign_splits
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 3
+PROBE_BATCH = 256
+
+
+@dataclass
+class BuildResult:
+    store: Path
+    counts: dict[str, int]
+    failures: dict[str, int] = field(default_factory=dict)
+    shards_done: int = 0
+    shards_total: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_FAILED if self.counts.get("failed", 0) else EXIT_OK
+
+
+def effective_shard_records(n_records: int, max_records: int) -> int:
+    """Shard size: ``max_records``, smaller for small stores so they still split into ~8 tasks."""
+    want = max(1, -(-n_records // 8))
+    return int(min(max_records, max(32, 1 << (want - 1).bit_length())))
+
+
+def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = False) -> BuildResult:
+    out = Path(cfg.out)
+    t0 = time.time()
+    _prepare_output(out, cfg, overwrite)
+    work = store.work_dir(out)
+    salt = _salt(cfg, work)
+    params = cfg.output_params()
+    rt = cfg.runtime
+    with dask_client(rt.workers, rt.scheduler, quiet=not rt.progress) as client:
+        entries = _plan(cfg, out, salt, client)
+        group, info = _arrays(out, cfg, entries)
+        todo = _shards_to_do(out, info, entries, retry_failed, client, cfg, salt)
+        if retry_failed:
+            entries = planmod.from_table(pq.read_table(work / planmod.PLAN_FILE))
+            group, info = store.open_store(out, mode="r+")
+        starts = [e.row_start for e in entries if e.row_start >= 0]
+        with_rows = [e for e in entries if e.row_start >= 0]
+        calls = []
+        for shard in todo:
+            a, b = info.shard_bounds(shard)
+            lo = max(0, bisect_right(starts, a) - 1)
+            hi = bisect_right(starts, b - 1)
+            mine = [e for e in with_rows[lo:hi] if e.row_start < b and e.row_start + e.n_records > a]
+            calls.append((str(out), shard, a, b, mine, params, rt.strict))
+        for _, _res in run_tasks(client, build_shard, calls, desc="shards", progress=rt.progress):
+            pass
+    result = assemble(out, cfg, entries, info)
+    _log_run(work, {"started": t0, "seconds": round(time.time() - t0, 3), "shards_run": len(todo), "counts": result.counts})
+    result.shards_done, result.shards_total = len(todo), info.n_shards
+    return result
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def _prepare_output(out: Path, cfg: BuildConfig, overwrite: bool) -> None:
+    work = store.work_dir(out)
+    params_file = work / "params.json"
+    if out.exists() and any(out.iterdir()):
+        if not params_file.exists():
+            raise StoreError(
+                f"{out} exists and is not a medsass store; choose a new --out (medsass never deletes foreign data)"
+            )
+        old = manifest.read_json(params_file)
+        if old.get("params_digest") != cfg.params_digest():
+            if not overwrite:
+                diff = _diff(old.get("params", {}), cfg.output_params())
+                raise StoreError(
+                    f"{out} was built with other parameters ({diff}); pass --overwrite to rebuild it, "
+                    "or choose a new --out"
+                )
+            shutil.rmtree(out)
+        elif overwrite:
+            shutil.rmtree(out)
+    work.mkdir(parents=True, exist_ok=True)
+    if not params_file.exists():
+        manifest.write_json({"params": cfg.output_params(), "params_digest": cfg.params_digest()}, params_file)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            d = _diff(a, b, f"{prefix}{k}.")
+            if d:
+                out.append(d)
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return "; ".join(out)
+
+
+def _salt(cfg: BuildConfig, work: Path) -> str:
+    if cfg.runtime.salt:
+        return cfg.runtime.salt
+    path = work / "salt"
+    if not path.exists():
+        manifest.atomic_write_bytes(path, secrets.token_hex(16).encode())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _plan(cfg: BuildConfig, out: Path, salt: str, client) -> list[PlanEntry]:
+    work = store.work_dir(out)
+    plan_file = work / planmod.PLAN_FILE
+    discovered = _discover(cfg, out)
+    if plan_file.exists():
+        entries = planmod.from_table(pq.read_table(plan_file))
+        if planmod.fingerprint(entries) != planmod.fingerprint(discovered):
+            old = {s for s, _, _ in planmod.fingerprint(entries)}
+            new = {s for s, _, _ in planmod.fingerprint(discovered)}
+            raise StoreError(
+                f"the inputs changed since {out} was started ({len(new - old)} new, {len(old - new)} gone, "
+                f"others modified); re-run with --overwrite to rebuild, or build a new --out"
+            )
+        return entries
+    batches = [discovered[i : i + PROBE_BATCH] for i in range(0, len(discovered), PROBE_BATCH)]
+    geom = planmod.geometry_dict(cfg)
+    probed: list[list[PlanEntry]] = [[] for _ in batches]
+    calls = [(b, geom, salt) for b in batches]
+    for i, res in run_tasks(client, planmod.probe_entries, calls, desc="headers", progress=cfg.runtime.progress):
+        probed[i] = res
+    entries = [e for batch in probed for e in batch]
+    _pair_and_split(cfg, entries, salt)
+    if cfg.runtime.strict:
+        bad = [e for e in entries if e.status == "failed"]
+        if bad:
+            raise InputError(bad[0].source, bad[0].reason_code, bad[0].reason + " (--strict stops at the first failure)")
+    planmod.allocate_rows(entries)
+    manifest.write_table(planmod.to_table(entries), plan_file)
+    return entries
+
+
+def _discover(cfg: BuildConfig, out: Path) -> list[PlanEntry]:
+    from .discover import discover
+
+    indexes = [LabelIndex(s.labels) for s in cfg.sources]
+    label_files = set().union(*(ix.files for ix in indexes)) if indexes else set()
+    out_resolved = str(out.resolve())
+    seen: set[str] = set()
+    found = []
+    for i, src in enumerate(cfg.sources):
+        for c in discover([src.path]):
+            path = str(c.path)
+            if path in seen or path in label_files or path.startswith(out_resolved + "/"):
+                continue
+            seen.add(path)
+            found.append((i, c))
+    roots = sorted({str(c.root) for _, c in found})
+    common = planmod.common_parent(roots)
+    entries = []
+    for i, c in found:
+        st = c.path.stat()
+        base = Path(c.path).relative_to(common).as_posix() if common and str(c.path).startswith(common) else c.rel
+        entries.append(
+            PlanEntry(
+                source=str(c.path), root=str(c.root), rel=c.rel, sample_base=base, source_index=i,
+                size_bytes=int(c.size), mtime_ns=int(st.st_mtime_ns), format=c.format or "",
+            )
+        )
+    return entries
+
+
+def _pair_and_split(cfg: BuildConfig, entries: list[PlanEntry], salt: str) -> None:
+    indexes = [LabelIndex(s.labels) for s in cfg.sources]
+    keys = GroupKeys(cfg.split, salt)
+    pending = [e for e in entries if e.status == "pending"]
+    for e in pending:
+        p = indexes[e.source_index].pair(e.source, e.rel)
+        e.label_path, e.label_status, e.label_reason = p.path, p.status, p.reason
+        e.group = keys.key(e.root, e.rel, e.dicom_group or None)
+    splits = assign_splits([e.group for e in pending], [e.n_records for e in pending],
+                           [e.label_status == "ok" for e in pending], cfg.split)
+    for e, s in zip(pending, splits):
+        e.split = s
+
+
+# ----------------------------------------------------------------------------- arrays and shards
+
+
+def _arrays(out: Path, cfg: BuildConfig, entries: list[PlanEntry]):
+    n = sum(e.n_records for e in entries if e.row_start >= 0)
+    if all((out / name / "zarr.json").exists() for name in store.IMAGE_ARRAYS):
+        return store.open_store(out, mode="r+")
+    k = effective_shard_records(n, cfg.runtime.shard_records)
+    attrs = {
+        "params": cfg.output_params(),
+        "params_digest": cfg.params_digest(),
+        "created_with": f"medsass {__version__}",
+        "intensity": "uint8; 8-bit sources unchanged, others mapped linearly from [intensity_low, intensity_high] "
+        "(manifest) to [0, 255] and clipped",
+    }
+    store.create(out, n_records=n, size=cfg.geometry.size, shard_records=k, attrs=attrs)
+    return store.open_store(out, mode="r+")
+
+
+def part_path(out: Path, shard: int) -> Path:
+    return store.work_dir(out) / "parts" / f"shard-{shard:06d}.parquet"
+
+
+def _shards_to_do(out, info, entries, retry_failed, client, cfg, salt) -> list[int]:
+    done = {s for s in range(info.n_shards) if part_path(out, s).exists()}
+    todo = [s for s in range(info.n_shards) if s not in done]
+    if not retry_failed:
+        return todo
+    redo = set(todo)
+    for s in done:
+        t = pq.read_table(part_path(out, s), columns=["status"])
+        if "failed" in t.column("status").to_pylist():
+            redo.add(s)
+    redo |= _retry_plan_failures(out, info, entries, client, cfg, salt)
+    for s in redo:
+        part_path(out, s).unlink(missing_ok=True)
+    return sorted(redo)
+
+
+def _retry_plan_failures(out, info, entries, client, cfg, salt) -> set[int]:
+    """Re-probe inputs that failed at the header stage; newly readable ones get rows appended at the end."""
+    failed = [e for e in entries if e.status == "failed"]
+    if not failed:
+        return set()
+    for e in failed:
+        e.status, e.reason_code, e.reason = "pending", "", ""
+    res = planmod.probe_entries(failed, planmod.geometry_dict(cfg), salt)
+    fixed = [e for e in res if e.status == "pending"]
+    if not fixed:
+        manifest.write_table(planmod.to_table(entries), store.work_dir(out) / planmod.PLAN_FILE)
+        return set()
+    _pair_and_split_more(cfg, entries, fixed, salt)
+    row = info.n_records
+    for e in fixed:
+        e.row_start, row = row, row + e.n_records
+    group, _ = store.open_store(out, mode="r+")
+    for name in store.IMAGE_ARRAYS:
+        group[name].resize((row, info.size, info.size))
+    meta = dict(group.attrs[store.ATTRS_KEY])
+    meta["n_records"] = row
+    group.attrs[store.ATTRS_KEY] = meta
+    manifest.write_table(planmod.to_table(entries), store.work_dir(out) / planmod.PLAN_FILE)
+    first = info.n_records // info.shard_records
+    last = -(-row // info.shard_records)
+    return set(range(first, last))
+
+
+def _pair_and_split_more(cfg, entries, fixed, salt) -> None:
+    indexes = [LabelIndex(s.labels) for s in cfg.sources]
+    keys = GroupKeys(cfg.split, salt)
+    known = {e.group: e.split for e in entries if e.split}
+    for e in fixed:
+        p = indexes[e.source_index].pair(e.source, e.rel)
+        e.label_path, e.label_status, e.label_reason = p.path, p.status, p.reason
+        e.group = keys.key(e.root, e.rel, e.dicom_group or None)
+        e.split = known.get(e.group, "train")  # a group already split keeps its split; new groups train
+
+
+def build_shard(out: str, shard: int, start: int, stop: int, entries: list[PlanEntry], params: dict, strict: bool) -> dict:
+    """Process and write one shard (runs in a Dask worker). Returns counts."""
+    from .process import process_entry
+
+    group, info = store.open_store(out, mode="r+")
+    s = info.size
+    n = stop - start
+    blocks = {name: np.zeros((n, s, s), np.uint8) for name in store.IMAGE_ARRAYS}
+    rows = []
+    for e in entries:
+        wanted = [r for r in range(e.row_start, e.row_start + e.n_records) if start <= r < stop]
+        for rec in process_entry(e, wanted, params, strict=strict):
+            meta = rec.meta
+            if meta["status"] == "ok":
+                i = rec.row - start
+                blocks[store.IMAGE][i], blocks[store.PSEUDO_MASK][i] = rec.image, rec.pseudo
+                if rec.label is not None:
+                    blocks[store.LABEL][i] = rec.label
+                meta["shard"] = shard
+            rows.append(meta)
+    store.write_rows(group, start, blocks)
+    manifest.write_table(manifest.rows_to_table(rows), part_path(Path(out), shard))
+    return {"ok": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] == "failed" for r in rows)}
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _plan_row(e: PlanEntry) -> dict:
+    return manifest.empty_row(
+        sample_id=e.sample_base, source=e.source, source_rel=e.rel, source_bytes=e.size_bytes, format=e.format,
+        n_frames=e.n_frames, status=e.status, reason_code=e.reason_code, reason=e.reason,
+        orig_height=e.height, orig_width=e.width, photometric=e.photometric, modality=e.modality,
+    )
+
+
+def assemble(out: Path, cfg: BuildConfig, entries: list[PlanEntry], info) -> BuildResult:
+    parts = []
+    for s in range(info.n_shards):
+        p = part_path(out, s)
+        if not p.exists():
+            raise StoreError(f"shard {s} of {out} is not finished; re-run the same command to finish it")
+        parts.append(pq.read_table(p))
+    by_source: dict[str, list[dict]] = {}
+    if parts:
+        for r in pa.concat_tables(parts).to_pylist():
+            by_source.setdefault(r["source"], []).append(r)
+    rows = []
+    for e in entries:
+        if e.row_start < 0:
+            rows.append(_plan_row(e))
+        else:
+            got = by_source.get(e.source, [])
+            rows += _dedupe_failed(sorted(got, key=lambda r: (r["row"] if r["row"] >= 0 else 1 << 62, r["frame"])))
+    table = manifest.rows_to_table(rows)
+    manifest.write_table(table, manifest.manifest_path(out))
+    summary = summarize(table, cfg, info)
+    manifest.write_json(summary, manifest.summary_path(out))
+    store.consolidate(out)
+    return BuildResult(store=out, counts=summary["counts"], failures=summary["failures_by_code"])
+
+
+def _dedupe_failed(rows: list[dict]) -> list[dict]:
+    """A multi-frame file straddling two shards may report the same failed frame twice."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r["sample_id"], r["status"]) if r["status"] != "ok" else (r["row"],)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def summarize(table: pa.Table, cfg: BuildConfig, info) -> dict:
+    df = table.to_pandas()
+    ok = df[df.status == "ok"]
+    counts = {s: int((df.status == s).sum()) for s in manifest.STATUSES}
+    failures = df[df.status == "failed"].groupby("reason_code").size().to_dict()
+    skipped = df[df.status == "skipped"].groupby("reason_code").size().to_dict()
+    return {
+        "schema_version": manifest.SCHEMA_VERSION,
+        "created_with": f"medsass {__version__}",
+        "params": cfg.output_params(),
+        "params_digest": cfg.params_digest(),
+        "packages": package_versions(),
+        "store": {"size": info.size, "n_records": info.n_records, "shard_records": info.shard_records,
+                  "n_shards": info.n_shards},
+        "counts": counts,
+        "n_inputs": int(df.source.nunique()),
+        "n_labeled": int(ok.has_label.sum()),
+        "n_degenerate": int(ok.degenerate.sum()),
+        "splits": {k: int(v) for k, v in ok.split.value_counts().sort_index().items()},
+        "failures_by_code": {k: int(v) for k, v in sorted(failures.items())},
+        "skipped_by_code": {k: int(v) for k, v in sorted(skipped.items())},
+    }
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["numpy", "zarr", "numcodecs", "dask", "distributed", "scikit-image", "pydicom", "tifffile",
+             "imagecodecs", "pillow", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle"]
+    out = {"python": sys.version.split()[0]}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = ""
+    return out
+
+
+def _log_run(work: Path, entry: dict) -> None:
+    with open(work / "runs.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+__all__ = ["build", "BuildResult", "build_shard", "assemble", "EXIT_OK", "EXIT_SOME_FAILED"]

@@ -1,0 +1,156 @@
+"""``medsass-prep``: thin click commands over the library (heavy imports happen inside commands)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from medsass.errors import MedsassError
+
+EPILOG = """Exit codes: 0 all inputs stored or skipped on purpose; 3 some inputs failed (see the manifest /
+`medsass-prep inspect`); 2 bad usage or configuration; 1 unexpected error."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medsass")
+def main() -> None:
+    """Prep stage of medsass: raw DICOM/TIFF/PNG/JPEG -> sharded Zarr store with Otsu pseudo-masks + manifest."""
+
+
+def _split_spec(text: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise click.BadParameter(f"{part!r}: use e.g. val=0.1,test=0.2")
+        k, v = part.split("=", 1)
+        if k not in ("val", "test"):
+            raise click.BadParameter(f"{k!r}: only val and test fractions are set (train is the rest)")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise click.BadParameter(f"{part!r}: {v!r} is not a number") from None
+    return out
+
+
+@main.command("build-masks", epilog=EPILOG)
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--out", "-o", type=click.Path(), help="Output store (a folder, e.g. data.zarr).")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False), help="Dataset file (data_manifests/NAME.yaml) instead of flags.")
+@click.option("--labels", type=click.Path(), help="Folder of real masks for fine-tuning/evaluation.")
+@click.option("--label-pattern", help="Mask file name template, e.g. '{stem}_segmentation.png' (default: same stem, any extension).")
+@click.option("--stem-regex", help="Regex with named groups matched on the image stem, usable in --label-pattern.")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), help="CSV with columns image,mask (instead of --labels).")
+@click.option("--size", type=int, help="Stored images are SIZE x SIZE [256].")
+@click.option("--resize", type=click.Choice(["stretch", "pad"]), help="stretch, or pad to keep the aspect ratio [stretch].")
+@click.option("--tile/--no-tile", default=None, help="Cut native-resolution SIZE x SIZE tiles instead of resizing.")
+@click.option("--tile-overlap", type=int, help="Overlap of neighbouring tiles in pixels [0].")
+@click.option("--method", help="Threshold: otsu (default), multiotsu, li, yen, triangle.")
+@click.option("--polarity", type=click.Choice(["auto", "bright", "dark"]), help="Which side is foreground [auto].")
+@click.option("--intensity", type=click.Choice(["percentile", "minmax"]), help="How non-8-bit images map to uint8 [percentile].")
+@click.option("--split", "split_spec", help="Fractions, e.g. val=0.1,test=0.2 (train is the rest).")
+@click.option("--seed", type=int, help="Split seed [0].")
+@click.option("--group-by", help="Split groups: file, dir or regex:<pattern> (DICOM PatientID, hashed, wins) [file].")
+@click.option("--groups", "groups_csv", type=click.Path(exists=True, dir_okay=False), help="CSV mapping file name -> group (e.g. patient).")
+@click.option("--split-unlabeled/--no-split-unlabeled", default=None, help="Also split groups without labels (default: they go to train).")
+@click.option("--workers", type=int, help="Local Dask workers [one per core].")
+@click.option("--scheduler", help="Address of an existing Dask scheduler (e.g. tcp://host:8786).")
+@click.option("--shard-records", type=int, help="Maximum records per shard [256].")
+@click.option("--max-pixels", type=int, help="Refuse files with more pixels than this (decompression bombs) [268435456].")
+@click.option("--salt", envvar="MEDSASS_SALT", help="Salt for hashing DICOM PatientID [random, kept in the store]; env MEDSASS_SALT.")
+@click.option("--overwrite", is_flag=True, help="Rebuild an existing store from scratch.")
+@click.option("--retry-failed", is_flag=True, help="Retry only the inputs that failed before.")
+@click.option("--strict", is_flag=True, help="Stop at the first failed input.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any dataset-file key, e.g. geometry.size=128.")
+def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, size, resize, tile, tile_overlap, method,
+                polarity, intensity, split_spec, seed, group_by, groups_csv, split_unlabeled, workers, scheduler,
+                shard_records, max_pixels, salt, overwrite, retry_failed, strict, no_progress, overrides):
+    """Build a store from INPUT files/folders (recursive; formats detected by content)."""
+    sets = list(overrides)
+    label_opts = {"dir": labels, "pattern": label_pattern, "stem_regex": stem_regex, "pairs": pairs}
+    flag_map = {
+        "out": out, "geometry.size": size, "geometry.resize": resize, "geometry.tile": tile,
+        "geometry.tile_overlap": tile_overlap, "geometry.max_pixels": max_pixels, "threshold.method": method,
+        "threshold.polarity": polarity, "threshold.intensity": intensity, "split.seed": seed, "split.group_by": group_by,
+        "split.groups_csv": groups_csv, "split.split_unlabeled": split_unlabeled, "runtime.workers": workers,
+        "runtime.scheduler": scheduler, "runtime.shard_records": shard_records, "runtime.salt": salt,
+        "runtime.strict": strict or None, "runtime.progress": False if no_progress else None,
+    }
+    if split_spec:
+        for k, v in _split_spec(split_spec).items():
+            flag_map[f"split.{k}"] = v
+    _run(lambda: _build(inputs, dataset, label_opts, flag_map, sets, overwrite, retry_failed))
+
+
+def _build(inputs, dataset, label_opts, flag_map, sets, overwrite, retry_failed) -> int:
+    from medsass import configio
+
+    from .build import build
+    from .config import BuildConfig, load_dataset_file, resolve_paths
+    from .inspect_store import format_report, inspect_store
+
+    scalar = {k: v for k, v in flag_map.items() if v is not None}
+    if dataset:
+        cfg = load_dataset_file(dataset, sets)
+        data = configio.to_dict(cfg)
+    else:
+        if not inputs:
+            raise click.UsageError("give INPUT files/folders or --dataset FILE")
+        data = configio.apply_overrides({}, sets)
+        data.setdefault("sources", [])
+    if inputs:
+        labels = {k: v for k, v in label_opts.items() if v is not None}
+        data["sources"] = [{"path": p, "labels": labels} for p in inputs]
+    elif any(v is not None for v in label_opts.values()):
+        for src in data["sources"]:
+            src["labels"].update({k: v for k, v in label_opts.items() if v is not None})
+    if "out" not in scalar and not data.get("out"):
+        raise click.UsageError("--out STORE.zarr is required")
+    data = configio.apply_overrides(data, [])
+    for key, value in scalar.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = resolve_paths(configio.from_dict(BuildConfig, data), Path.cwd())
+    result = build(cfg, overwrite=overwrite, retry_failed=retry_failed)
+    click.echo(format_report(inspect_store(result.store), max_list=10))
+    if result.counts.get("failed"):
+        click.echo(f"{result.counts['failed']} input record(s) failed; exit code {result.exit_code}. "
+                   "Fix or remove them and re-run with --retry-failed.", err=True)
+    return result.exit_code
+
+
+@main.command("inspect")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_cmd(store, as_json):
+    """Counts by status and split, QC flags, foreground fractions and failures of STORE."""
+
+    def go() -> int:
+        from .inspect_store import format_report, inspect_store
+
+        rep = inspect_store(store)
+        click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+        return 0
+
+    _run(go)
+
+
+def _run(fn) -> None:
+    try:
+        code = fn()
+    except MedsassError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; re-run the same command to resume", err=True)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,83 @@
+"""The one module that knows Dask: a client (local cluster or an existing scheduler) and a
+progress-reporting map over tasks.
+
+Workers are processes with one thread each (decoding and thresholding hold the GIL for much of
+their time). ``scheduler`` points at an existing cluster, e.g. one started by dask-jobqueue's
+``SLURMCluster`` or by ``dask scheduler`` / ``dask worker`` under ``srun`` (see workflows/).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def dask_client(workers: int = 0, scheduler: str | None = None, *, quiet: bool = False) -> Iterator[Any]:
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler, timeout="60s")
+        cluster = None
+    else:
+        cluster = LocalCluster(
+            n_workers=workers or default_workers(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    if not quiet:
+        where = f"scheduler {scheduler}" if scheduler else f"local cluster, {len(client.scheduler_info()['workers'])} worker(s)"
+        print(f"dask: {where}; dashboard {client.dashboard_link}", file=sys.stderr)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def run_tasks(
+    client: Any,
+    fn: Callable[..., Any],
+    calls: Sequence[tuple],
+    *,
+    desc: str,
+    progress: bool = True,
+    key: str = "medsass",
+) -> Iterator[tuple[int, Any]]:
+    """Submit ``fn(*args)`` for each tuple in ``calls``; yield ``(index, result)`` as tasks finish.
+
+    An exception in a task cancels the rest and is re-raised here.
+    """
+    import uuid
+
+    from dask.distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]  # unique per run: a shared scheduler must not reuse an old result
+    futures = [client.submit(fn, *args, key=f"{key}-{desc}-{token}-{i}", pure=False) for i, args in enumerate(calls)]
+    index = {f.key: i for i, f in enumerate(futures)}
+    bar = tqdm(total=len(futures), desc=desc, unit="task", disable=not progress, file=sys.stderr)
+    try:
+        for fut in as_completed(futures):
+            if fut.status == "error":
+                exc = fut.exception()
+                client.cancel(futures)
+                raise exc
+            yield index[fut.key], fut.result()
+            bar.update(1)
+    finally:
+        bar.close()

@@ -1,0 +1,171 @@
+"""Per-file work: read -> grayscale -> pseudo-mask -> uint8 -> place in the canvas, plus the label.
+
+Pure functions of a plan entry and the build parameters; no Dask, no Zarr. ``process_entry``
+returns one :class:`Record` per requested row: arrays plus its manifest row. A file that cannot be
+decoded gives failed rows (never an exception), so one bad file never stops a shard.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medsass import manifest
+from medsass.errors import InputError
+
+from . import geometry
+from .intensity import to_uint8
+from .labels import binarize
+from .plan import PlanEntry
+
+
+@dataclass
+class Record:
+    row: int  # target row (the planned one; the record is stored only when status is ok)
+    image: np.ndarray | None
+    pseudo: np.ndarray | None
+    label: np.ndarray | None
+    meta: dict[str, Any]  # manifest row
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sample_id(e: PlanEntry, frame: int, p: geometry.Placement) -> str:
+    sid = e.sample_base
+    if e.n_frames > 1:
+        sid += f"#f{frame}"
+    if p.mode == "tile" and e.records_per_frame > 1:
+        sid += f"#t{p.crop_y}_{p.crop_x}"
+    return sid
+
+
+def base_row(e: PlanEntry, sha: str) -> dict[str, Any]:
+    return dict(
+        source=e.source, source_rel=e.rel, source_sha256=sha, source_bytes=e.size_bytes, format=e.format,
+        n_frames=e.n_frames, group=e.group, split=e.split, photometric=e.photometric, modality=e.modality,
+        label_source=e.label_path, label_status=e.label_status, label_reason=e.label_reason,
+    )
+
+
+def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bool = False) -> list[Record]:
+    """Records for the planned ``rows`` of entry ``e`` (a subset when the file straddles shards)."""
+    from .readers import read
+    from .threshold import pseudo_mask
+
+    wanted = [(r, f, k) for r, f, k in e.records() if r in set(rows)]
+    frames_needed = sorted({f for _, f, _ in wanted})
+    g, t = params["geometry"], params["threshold"]
+    size, mode = g["size"], "tile" if g["tile"] else g["resize"]
+    try:
+        sha = sha256_file(e.source)
+    except OSError as exc:
+        return _failed(e, wanted, "", "unreadable", f"cannot read the file: {exc}")
+    try:
+        frames = {fr.index: fr for fr in read(Path(e.source), e.format, frames_needed, max_pixels=g["max_pixels"])}
+    except InputError as exc:
+        if strict:
+            raise
+        return _failed(e, wanted, sha, exc.code, exc.reason)
+    except Exception as exc:  # decoder bugs and exotic files are recorded, not fatal
+        if strict:
+            raise
+        return _failed(e, wanted, sha, "decode_error", f"{type(exc).__name__}: {exc}")
+    labels, label_status, label_reason = _read_label(e, frames_needed, g["max_pixels"])
+    out: list[Record] = []
+    for fidx in frames_needed:
+        frame = frames.get(fidx)
+        recs = [(r, k) for r, f, k in wanted if f == fidx]
+        if frame is None:
+            out += _failed(e, [(r, fidx, k) for r, k in recs], sha, "decode_error", f"frame {fidx} was not decoded")
+            continue
+        gray = frame.pixels
+        try:
+            if gray.dtype.kind == "f" and not np.isfinite(gray).all():
+                raise InputError(e.source, "nonfinite", "image has NaN or infinite values")
+            places = geometry.placements(gray.shape, size, mode, g["tile_overlap"])
+            if len(places) != e.records_per_frame:
+                raise InputError(e.source, "frame_shape", f"frame {fidx} is {gray.shape}, unlike frame 0 {e.height}x{e.width}")
+            pm = pseudo_mask(gray, method=t["method"], polarity=t["polarity"])
+            u8, low, high = to_uint8(gray, t["intensity"])
+        except InputError as exc:
+            if strict:
+                raise
+            out += _failed(e, [(r, fidx, k) for r, k in recs], sha, exc.code, exc.reason)
+            continue
+        lab = labels.get(fidx) if labels else None
+        lstatus, lreason = label_status, label_reason
+        if lab is not None and lab.shape != gray.shape:
+            lstatus, lreason = "shape_mismatch", f"mask is {lab.shape[0]}x{lab.shape[1]}, image is {gray.shape[0]}x{gray.shape[1]}"
+            lab = None
+        for r, k in recs:
+            p = places[k]
+            crop_mask = pm.mask[p.crop_y : p.crop_y + p.crop_height, p.crop_x : p.crop_x + p.crop_width]
+            fg = float(crop_mask.mean()) if mode == "tile" else pm.fg_fraction
+            flags = [f for f in pm.flags if f == "constant"] + _fg_flags(fg)
+            meta = manifest.empty_row(
+                **base_row(e, sha), sample_id=sample_id(e, fidx, p), frame=fidx, status="ok", row=r,
+                orig_height=gray.shape[0], orig_width=gray.shape[1], orig_dtype=str(frame.meta.get("orig_dtype", gray.dtype)),
+                channels=int(frame.meta.get("channels", 1)),
+                crop_y=p.crop_y, crop_x=p.crop_x, crop_height=p.crop_height, crop_width=p.crop_width, resize_mode=mode,
+                content_y=p.content_y, content_x=p.content_x, content_height=p.content_height, content_width=p.content_width,
+                intensity_low=low, intensity_high=high, method=pm.method, threshold=float(pm.threshold),
+                polarity=pm.polarity, fg_fraction=fg, qc_flags=",".join(flags), degenerate=bool(flags),
+            )
+            label_c = None
+            if lab is not None:
+                label_c = geometry.place_mask(lab, p, size)
+                meta.update(has_label=True, label_status="ok", label_reason="",
+                            label_fg_fraction=float(lab[p.crop_y : p.crop_y + p.crop_height, p.crop_x : p.crop_x + p.crop_width].mean()))
+            else:
+                meta.update(label_status=lstatus, label_reason=lreason)
+            out.append(Record(r, geometry.place_image(u8, p, size), geometry.place_mask(pm.mask, p, size), label_c, meta))
+    return out
+
+
+def _fg_flags(fg: float) -> list[str]:
+    return ["fg_low"] if fg < 0.005 else ["fg_high"] if fg > 0.995 else []
+
+
+def _read_label(e: PlanEntry, frames: list[int], max_pixels: int) -> tuple[dict[int, np.ndarray], str, str]:
+    if e.label_status != "ok" or not e.label_path:
+        return {}, e.label_status, e.label_reason
+    from .discover import sniff
+    from .readers import probe, read
+
+    try:
+        fmt = sniff(Path(e.label_path))
+        if fmt is None:
+            return {}, "unreadable", f"{e.label_path} is not an image medsass reads"
+        n = probe(Path(e.label_path), fmt).n_frames
+        if n != e.n_frames:
+            return {}, "frames_mismatch", f"mask has {n} frame(s), image has {e.n_frames}"
+        got = read(Path(e.label_path), fmt, frames, max_pixels=max_pixels)
+        return {fr.index: binarize(fr.pixels) for fr in got}, "ok", ""
+    except InputError as exc:
+        return {}, "unreadable", f"{e.label_path}: {exc.reason}"
+    except Exception as exc:
+        return {}, "unreadable", f"{e.label_path}: {type(exc).__name__}: {exc}"
+
+
+def _failed(e: PlanEntry, wanted, sha: str, code: str, reason: str) -> list[Record]:
+    out, seen = [], set()
+    for r, f, _k in wanted:  # one failed row per frame, even when it has several tiles
+        if f in seen:
+            continue
+        seen.add(f)
+        sid = e.sample_base + (f"#f{f}" if e.n_frames > 1 else "")
+        meta = manifest.empty_row(
+            **base_row(e, sha), sample_id=sid, frame=f, status="failed", reason_code=code, reason=reason,
+            orig_height=e.height, orig_width=e.width,
+        )
+        out.append(Record(r, None, None, None, meta))
+    return out

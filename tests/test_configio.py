@@ -1,0 +1,58 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from medsass import configio
+from medsass.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    mode: Literal["a", "b"] = "a"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    steps: int = 10
+    path: str | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def test_load_with_overrides_and_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ninner:\n  lr: 0.5\n")
+    cfg = configio.load(Outer, p, ["inner.mode=b", "steps=3", "inner.tags=[u, v]", "weights.s1=2"])
+    assert cfg == Outer(name="x", inner=Inner(lr=0.5, mode="b", tags=["u", "v"]), steps=3, weights={"s1": 2.0})
+    assert configio.to_dict(cfg)["inner"]["tags"] == ["u", "v"]
+
+
+def test_int_promotes_to_float_but_not_bool():
+    assert configio.load(Outer, {"name": "x", "inner": {"lr": 1}}).inner.lr == 1.0
+    with pytest.raises(ConfigError, match="inner.lr"):
+        configio.load(Outer, {"name": "x", "inner": {"lr": True}})
+
+
+@pytest.mark.parametrize(
+    "data, overrides, match",
+    [
+        ({"name": "x", "inner": {"lrr": 1}}, [], r"unknown key\(s\) inner.lrr.*valid keys under inner: lr, mode, tags"),
+        ({}, [], "missing required key name"),
+        ({"name": "x"}, ["inner.mode=c"], r"inner.mode: 'c' is not one of 'a', 'b'"),
+        ({"name": "x"}, ["steps=ten"], "steps: expected an integer"),
+        ({"name": "x"}, ["bogus.key=1"], "unknown key"),
+        ({"name": "x"}, ["steps"], "key.path=value"),
+    ],
+)
+def test_errors_name_the_key(data, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        configio.load(Outer, data, overrides)
+
+
+def test_optional_and_null():
+    assert configio.load(Outer, {"name": "x"}, ["path=null"]).path is None
+    assert configio.load(Outer, {"name": "x"}, ["path=/a/b"]).path == "/a/b"
