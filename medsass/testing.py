@@ -84,3 +84,22 @@ def make_synthetic_store(
     )
     store.consolidate(path)
     return path
+
+
+def write_blob_pngs(folder: str | Path, n: int, *, size: int = 96, seed: int = 0, masks: str | Path | None = None) -> list[Path]:
+    """``n`` blob PNGs (and their true masks as {0,255} PNGs in ``masks``) with the same stems."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img, truth = blob_image(rng, size)
+        p = folder / f"img{i:04d}.png"
+        Image.fromarray(img).save(p)
+        if masks is not None:
+            Path(masks).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(truth.astype(np.uint8) * 255).save(Path(masks) / f"img{i:04d}.png")
+        out.append(p)
+    return out

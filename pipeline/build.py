@@ -64,7 +64,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     params = cfg.output_params()
     rt = cfg.runtime
     with dask_client(rt.workers, rt.scheduler, quiet=not rt.progress) as client:
-        entries = _plan(cfg, out, salt, client)
+        entries = _plan(cfg, out, salt, client, retry_failed)
         group, info = _arrays(out, cfg, entries)
         todo = _shards_to_do(out, info, entries, retry_failed, client, cfg, salt)
         if retry_failed:
@@ -140,19 +140,14 @@ def _salt(cfg: BuildConfig, work: Path) -> str:
 # ----------------------------------------------------------------------------- planning
 
 
-def _plan(cfg: BuildConfig, out: Path, salt: str, client) -> list[PlanEntry]:
+def _plan(cfg: BuildConfig, out: Path, salt: str, client, retry_failed: bool = False) -> list[PlanEntry]:
     work = store.work_dir(out)
     plan_file = work / planmod.PLAN_FILE
     discovered = _discover(cfg, out)
     if plan_file.exists():
         entries = planmod.from_table(pq.read_table(plan_file))
-        if planmod.fingerprint(entries) != planmod.fingerprint(discovered):
-            old = {s for s, _, _ in planmod.fingerprint(entries)}
-            new = {s for s, _, _ in planmod.fingerprint(discovered)}
-            raise StoreError(
-                f"the inputs changed since {out} was started ({len(new - old)} new, {len(old - new)} gone, "
-                f"others modified); re-run with --overwrite to rebuild, or build a new --out"
-            )
+        if _check_unchanged(out, entries, discovered, retry_failed):
+            manifest.write_table(planmod.to_table(entries), plan_file)
         return entries
     batches = [discovered[i : i + PROBE_BATCH] for i in range(0, len(discovered), PROBE_BATCH)]
     geom = planmod.geometry_dict(cfg)
@@ -169,6 +164,38 @@ def _plan(cfg: BuildConfig, out: Path, salt: str, client) -> list[PlanEntry]:
     planmod.allocate_rows(entries)
     manifest.write_table(planmod.to_table(entries), plan_file)
     return entries
+
+
+def _check_unchanged(out: Path, entries: list[PlanEntry], discovered: list[PlanEntry], retry_failed: bool) -> bool:
+    """The inputs must be those of the plan. With --retry-failed, failed files may have been fixed in place
+    (their new size/time is taken; returns True when the plan changed)."""
+    old = {e.source: e for e in entries}
+    new = {e.source: e for e in discovered}
+    added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    changed = [s for s in set(old) & set(new) if (old[s].size_bytes, old[s].mtime_ns) != (new[s].size_bytes, new[s].mtime_ns)]
+    fixed: list[str] = []
+    if retry_failed and changed:
+        failed = _failed_sources(out) | {e.source for e in entries if e.status == "failed"}
+        fixed = [s for s in changed if s in failed]
+        for s in fixed:
+            old[s].size_bytes, old[s].mtime_ns = new[s].size_bytes, new[s].mtime_ns
+        changed = [s for s in changed if s not in failed]
+    if added or gone or changed:
+        example = (added or gone or changed)[0]
+        raise StoreError(
+            f"the inputs changed since {out} was started ({len(added)} new, {len(gone)} gone, {len(changed)} modified, "
+            f"e.g. {example}); re-run with --overwrite to rebuild, or build a new --out"
+        )
+    return bool(fixed)
+
+
+def _failed_sources(out: Path) -> set[str]:
+    parts = sorted((store.work_dir(out) / "parts").glob("shard-*.parquet"))
+    found: set[str] = set()
+    for p in parts:
+        t = pq.read_table(p, columns=["source", "status"]).to_pydict()
+        found |= {s for s, st in zip(t["source"], t["status"]) if st == "failed"}
+    return found
 
 
 def _discover(cfg: BuildConfig, out: Path) -> list[PlanEntry]:
@@ -259,8 +286,14 @@ def _retry_plan_failures(out, info, entries, client, cfg, salt) -> set[int]:
     failed = [e for e in entries if e.status == "failed"]
     if not failed:
         return set()
+    from .discover import sniff
+
     for e in failed:
         e.status, e.reason_code, e.reason = "pending", "", ""
+        try:
+            e.format = sniff(Path(e.source)) or ""
+        except OSError:
+            e.format = ""
     res = planmod.probe_entries(failed, planmod.geometry_dict(cfg), salt)
     fixed = [e for e in res if e.status == "pending"]
     if not fixed:

@@ -1,6 +1,6 @@
 """Map full-precision grayscale to the stored uint8 image.
 
-* uint8 sources are stored unchanged (low=0, high=255);
+* uint8 sources are stored unchanged (low=0, high=255); 8-bit colour sources store their luma, rounded;
 * everything else (12/16-bit, signed CT after rescale, float) is mapped linearly from
   [low, high] to [0, 255] and clipped, where low/high are the 0.5th/99.5th percentiles
   (``percentile``, robust to hot pixels and padding) or the min/max (``minmax``);
@@ -17,8 +17,8 @@ PERCENTILES = (0.5, 99.5)
 _MAX_SAMPLES = 1 << 18
 
 
-def intensity_window(gray: np.ndarray, mode: str = "percentile") -> tuple[float, float]:
-    if gray.dtype == np.uint8:
+def intensity_window(gray: np.ndarray, mode: str = "percentile", source_dtype: str | None = None) -> tuple[float, float]:
+    if gray.dtype == np.uint8 or source_dtype == "uint8":  # 8-bit sources (also colour -> float luma) keep their scale
         return 0.0, 255.0
     if gray.dtype == bool:
         return 0.0, 1.0
@@ -35,9 +35,9 @@ def intensity_window(gray: np.ndarray, mode: str = "percentile") -> tuple[float,
     return float(low), float(high)
 
 
-def to_uint8(gray: np.ndarray, mode: str = "percentile") -> tuple[np.ndarray, float, float]:
-    """Return (uint8 image, low, high)."""
-    low, high = intensity_window(gray, mode)
+def to_uint8(gray: np.ndarray, mode: str = "percentile", source_dtype: str | None = None) -> tuple[np.ndarray, float, float]:
+    """Return (uint8 image, low, high). ``source_dtype`` 'uint8' keeps the 0..255 scale of 8-bit colour sources."""
+    low, high = intensity_window(gray, mode, source_dtype)
     if gray.dtype == np.uint8:
         return gray, low, high
     if gray.dtype == bool:

@@ -95,7 +95,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             if len(places) != e.records_per_frame:
                 raise InputError(e.source, "frame_shape", f"frame {fidx} is {gray.shape}, unlike frame 0 {e.height}x{e.width}")
             pm = pseudo_mask(gray, method=t["method"], polarity=t["polarity"])
-            u8, low, high = to_uint8(gray, t["intensity"])
+            u8, low, high = to_uint8(gray, t["intensity"], str(frame.meta.get("orig_dtype", "")))
         except InputError as exc:
             if strict:
                 raise

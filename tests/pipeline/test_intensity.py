@@ -29,3 +29,9 @@ def test_signed_ct_and_constant():
     assert out[0, 0] == 0 and out[1, 1] == 255
     out, lo, hi = to_uint8(np.full((4, 4), 7, np.uint16))
     assert out.max() == 0 and lo == hi == 7.0
+
+
+def test_colour_8bit_luma_keeps_scale():
+    luma = np.array([[0.4, 100.6], [254.9, 30.0]], np.float32)
+    out, lo, hi = to_uint8(luma, source_dtype="uint8")
+    assert out.tolist() == [[0, 101], [255, 30]] and (lo, hi) == (0.0, 255.0)

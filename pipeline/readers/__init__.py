@@ -1,0 +1,147 @@
+"""Format registry and the public reader API: ``probe`` (header only) and ``read`` (decode frames).
+
+Every reader module (dicom, tiff, pillow) has the same two functions::
+
+    probe(path, fmt, *, salt) -> Probe
+    read(path, fmt, frames, *, max_pixels) -> list[Frame]
+
+so a new format is one new module plus one entry in ``READERS``. Readers guard size *before*
+decoding (``check_size``); this module adds the checks every format shares after decoding
+(2-D, finite values).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from medsass.errors import InputError
+
+DEFAULT_MAX_PIXELS = 2**28
+
+
+@dataclass
+class Frame:
+    """One decoded 2-D grayscale plane at native resolution and precision.
+
+    ``pixels`` is (H, W) after DICOM modality LUT -> VOI LUT/window -> MONOCHROME1 inversion and
+    colour -> luma; not resized, not rescaled to uint8 (bilevel images are uint8 {0, 255}). It may be
+    a read-only view of the decoded buffer: copy it before changing it in place. ``meta`` is JSON-safe and free of header text.
+    """
+
+    pixels: np.ndarray
+    index: int
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    """Header facts: format, frame count, (H, W) of frame 0, PHI-free group key, technical meta."""
+
+    format: str
+    n_frames: int
+    shape: tuple[int, int]
+    group: str | None
+    meta: dict = field(default_factory=dict)
+
+
+def check_size(path: Path, height: int, width: int, n_frames: int, max_pixels: int) -> None:
+    """Raise too_small / too_large from header dimensions, before anything is decoded."""
+    if height < 2 or width < 2:
+        raise InputError(path, "too_small", f"image is {height}x{width} pixels; at least 2x2 is needed")
+    total = int(height) * int(width) * int(n_frames)
+    if total > max_pixels:
+        raise InputError(
+            path, "too_large",
+            f"{n_frames} frame(s) of {height}x{width} = {total} pixels exceed max_pixels={max_pixels} "
+            "(decompression-bomb guard); raise max_pixels or request fewer frames",
+        )
+
+
+def select_frames(path: Path, frames: Sequence[int] | None, n_frames: int) -> list[int]:
+    """Requested frame indices (None = all), validated against the file's frame count."""
+    if frames is None:
+        return list(range(n_frames))
+    wanted = [int(i) for i in frames]
+    bad = [i for i in wanted if not 0 <= i < n_frames]
+    if bad:
+        raise InputError(path, "bad_frame_index", f"frame(s) {bad} requested but the file has {n_frames}")
+    return wanted
+
+
+def check_frame(path: Path, frame: Frame) -> Frame:
+    """Shared post-decode fixes and checks: native byte order, bool -> uint8 {0, 255}, 2-D, at least
+    2x2, no NaN/inf in float images."""
+    px = frame.pixels
+    if not px.dtype.isnative:
+        px = frame.pixels = px.astype(px.dtype.newbyteorder("="))
+    if px.dtype == bool:  # bilevel: uint8 {0, 255} from every format, as Pillow shows mode '1'
+        px = frame.pixels = px.view(np.uint8) * np.uint8(255)
+    if px.ndim != 2:
+        raise InputError(path, "decode_error", f"frame {frame.index} decoded to shape {px.shape}, not 2-D")
+    if px.shape[0] < 2 or px.shape[1] < 2:
+        raise InputError(path, "too_small", f"image is {px.shape[0]}x{px.shape[1]} pixels; at least 2x2 is needed")
+    if px.dtype.kind in "fc" and not np.isfinite(px).all():
+        count = int(px.size - np.count_nonzero(np.isfinite(px)))
+        raise InputError(
+            path, "nonfinite",
+            f"frame {frame.index} has {count} NaN/inf value(s) of {px.size}; fix or mask them in the source",
+        )
+    return frame
+
+
+# Readers import Frame/Probe and the helpers above from this package, so import them last.
+from . import dicom, pillow, tiff  # noqa: E402
+
+READERS: dict[str, ModuleType] = {
+    "dicom": dicom,
+    "tiff": tiff,
+    "png": pillow,
+    "jpeg": pillow,
+    "gif": pillow,
+    "bmp": pillow,
+}
+
+
+def _reader(path: Path, fmt: str) -> ModuleType:
+    try:
+        return READERS[fmt]
+    except KeyError:
+        raise InputError(
+            path, "unsupported_format", f"no reader for format {fmt!r}; available: {sorted(READERS)}"
+        ) from None
+
+
+def probe(path: Path, fmt: str, *, salt: str = "") -> Probe:
+    """Header only: frame count, frame-0 shape, group key. Raises SkipInput / InputError."""
+    path = Path(path)
+    reader = _reader(path, fmt)
+    try:
+        return reader.probe(path, fmt, salt=salt)
+    except InputError:
+        raise
+    except Exception as exc:  # any library error on a bad file is that file's problem
+        raise InputError(path, "decode_error", f"cannot read header: {type(exc).__name__}: {exc}") from exc
+
+
+def read(
+    path: Path, fmt: str, frames: Sequence[int] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Frame]:
+    """Decode the requested frames (None = all) as 2-D grayscale Frames; see module docstring."""
+    path = Path(path)
+    reader = _reader(path, fmt)
+    try:
+        out = reader.read(path, fmt, frames, max_pixels=max_pixels)
+    except InputError:
+        raise
+    except MemoryError as exc:
+        raise InputError(path, "too_large", "ran out of memory while decoding; lower max_pixels") from exc
+    except Exception as exc:
+        raise InputError(path, "decode_error", f"{type(exc).__name__}: {exc}") from exc
+    return [check_frame(path, f) for f in out]
+
+
+__all__ = ["READERS", "Frame", "Probe", "probe", "read", "check_size", "select_frames", "DEFAULT_MAX_PIXELS"]
