@@ -79,10 +79,13 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
             hi = bisect_right(starts, b - 1)
             mine = [e for e in with_rows[lo:hi] if e.row_start < b and e.row_start + e.n_records > a]
             calls.append((str(out), shard, a, b, mine, params, rt.strict))
+        t1 = time.time()
         for _, _res in run_tasks(client, build_shard, calls, desc="shards", progress=rt.progress):
             pass
+        t2 = time.time()
     result = assemble(out, cfg, entries, info)
-    _log_run(work, {"started": t0, "seconds": round(time.time() - t0, 3), "shards_run": len(todo), "counts": result.counts})
+    _log_run(work, {"started": t0, "seconds": round(time.time() - t0, 3), "shard_seconds": round(t2 - t1, 3),
+                    "shards_run": len(todo), "records_run": sum(c[3] - c[2] for c in calls), "counts": result.counts})
     result.shards_done, result.shards_total = len(todo), info.n_shards
     return result
 

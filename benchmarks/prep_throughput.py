@@ -1,0 +1,130 @@
+"""Prep benchmark: build-masks vs a decode-only floor and a naive research loop, in one run.
+
+    python benchmarks/prep_throughput.py --n-images 2000 [--out-json bench_prep.json]
+
+(a) decode-only floor: PIL decode of every PNG to a numpy array, 2 processes;
+(b) naive loop, 1 process, as a user would write it: PIL open -> skimage Otsu -> save mask PNG;
+(c) ``medsass-prep build-masks`` with 1 and 2 Dask workers (whole command, cluster start-up included,
+    and the shard phase alone).
+Prints images/s and the ratios the prep issue targets, plus store size vs input size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_images(folder: Path, n: int, size: int = 512) -> list[Path]:
+    """Realistic-ish 512² grayscale PNGs: smooth blobs + texture + noise (not constants)."""
+    from medsass.testing import blob_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    base = [blob_image(rng, size, n_blobs=int(rng.integers(2, 6)))[0] for _ in range(16)]
+    for i in range(n):
+        img = base[i % 16].astype(np.int16) + rng.normal(0, 6, (size, size)).astype(np.int16)
+        img = np.roll(img, int(rng.integers(0, size)), axis=int(rng.integers(0, 2)))
+        p = folder / f"img{i:05d}.png"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _decode(path: Path) -> int:
+    with Image.open(path) as im:
+        return int(np.asarray(im).shape[0])
+
+
+def decode_floor(paths: list[Path], procs: int = 2) -> float:
+    with Pool(procs) as pool:
+        pool.map(_decode, paths[:50])  # warm up
+        t = time.perf_counter()
+        pool.map(_decode, paths, chunksize=64)
+        return len(paths) / (time.perf_counter() - t)
+
+
+def naive_loop(paths: list[Path], out: Path) -> float:
+    from skimage.filters import threshold_otsu
+
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    for p in paths:
+        img = np.asarray(Image.open(p).convert("L"))
+        mask = img > threshold_otsu(img)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / p.name)
+    return len(paths) / (time.perf_counter() - t)
+
+
+def build_masks(src: Path, out: Path, workers: int) -> tuple[float, float]:
+    """(images/s of the whole command, images/s of the shard phase alone)."""
+    cmd = [sys.executable, "-m", "medsass.pipeline.cli", "build-masks", str(src), "--out", str(out), "--size", "256",
+           "--workers", str(workers), "--no-progress"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    whole = time.perf_counter() - t
+    n = len(list(src.iterdir()))
+    runs = [json.loads(line) for line in (out / "_medsass" / "runs.jsonl").read_text().splitlines()]
+    shard_s = runs[-1].get("shard_seconds") or runs[-1]["seconds"]
+    return n / whole, n / shard_s
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-images", type=int, default=2000)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out-json", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="medsass-bench-"))
+    src = work / "pngs"
+    if not src.exists() or len(list(src.iterdir())) != args.n_images:
+        shutil.rmtree(src, ignore_errors=True)
+        print(f"generating {args.n_images} 512x512 PNGs in {src} ...", file=sys.stderr)
+        make_images(src, args.n_images)
+    paths = sorted(src.iterdir())
+    res: dict[str, float] = {"n_images": len(paths)}
+    res["decode_floor_2proc"] = decode_floor(paths, 2)
+    res["naive_loop_1proc"] = naive_loop(paths, work / "naive_masks")
+    for w in (1, 2):
+        out = work / f"store_w{w}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        res[f"build_masks_{w}w"], res[f"build_masks_{w}w_shards"] = build_masks(src, out, w)
+    res["input_mb"] = dir_bytes(src) / 1e6
+    res["store_mb"] = dir_bytes(work / "store_w2.zarr") / 1e6
+    ratios = {
+        "2w / naive (target >= 2.5)": res["build_masks_2w"] / res["naive_loop_1proc"],
+        "2w / decode floor (target >= 0.6)": res["build_masks_2w"] / res["decode_floor_2proc"],
+        "2w / 1w (target >= 1.7)": res["build_masks_2w"] / res["build_masks_1w"],
+        "2w shard phase / decode floor": res["build_masks_2w_shards"] / res["decode_floor_2proc"],
+        "2w / 1w shard phase": res["build_masks_2w_shards"] / res["build_masks_1w_shards"],
+        "store / input size": res["store_mb"] / res["input_mb"],
+    }
+    print(f"\nprep throughput, {len(paths)} PNGs 512x512 -> 256x256 store (images/s)")
+    for k in ("decode_floor_2proc", "naive_loop_1proc", "build_masks_1w", "build_masks_2w", "build_masks_1w_shards",
+              "build_masks_2w_shards"):
+        print(f"  {k:28s} {res[k]:8.1f}")
+    print(f"  input {res['input_mb']:.1f} MB, store {res['store_mb']:.1f} MB")
+    print("ratios:")
+    for k, v in ratios.items():
+        print(f"  {k:40s} {v:6.2f}")
+    if args.out_json:
+        args.out_json.write_text(json.dumps({"figures": res, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

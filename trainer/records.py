@@ -1,0 +1,195 @@
+"""Which records to train on, and in which order: pure functions of the manifest and row indices.
+
+* :func:`select_rows` picks rows from a store's manifest (split, status, degenerate, labels, label budgets).
+* :func:`plan_blocks` groups selected rows into read blocks (the selected rows of one shard, split
+  further when there are too few shards for the consumers).
+* :func:`epoch_blocks` / :func:`epoch_order` give one consumer's (rank x dataloader worker) share of
+  an epoch. They read no image data, which is what makes exact resume cheap.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medsass import manifest as manifest_mod
+from medsass import store as store_mod
+from medsass.errors import ConfigError, StoreError
+
+# Tags keep the random streams derived from one user seed independent of each other.
+TAG_EPOCH, TAG_BLOCK, TAG_MIX, TAG_SHUFFLE = 1, 2, 3, 4
+_MASK64 = (1 << 64) - 1
+
+
+def _entropy(*values: int) -> list[int]:
+    """Non-negative entropy words for ``np.random.SeedSequence`` (seeds may be negative)."""
+    return [int(v) & _MASK64 for v in values]
+
+
+def rng_for(*values: int) -> np.random.Generator:
+    """A generator seeded by a tuple of ints (seed, tag, ...); same tuple, same stream."""
+    return np.random.default_rng(np.random.SeedSequence(_entropy(*values)))
+
+
+def check_target(target: str) -> None:
+    """Raise ConfigError unless ``target`` names a mask array of the store layout."""
+    ok = target in (store_mod.PSEUDO_MASK, store_mod.LABEL) or (
+        target.startswith(store_mod.PSEUDO_GROUP + "/") and len(target) > len(store_mod.PSEUDO_GROUP) + 1
+    )
+    if not ok:
+        raise ConfigError(
+            f"unknown target {target!r}; available options are 'pseudo_mask', 'label' or 'pseudo_labels/<name>'"
+        )
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _priority(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 key per row.
+
+    The key of a row depends only on (row, seed), so the subset picked for a budget does not change
+    when other rows are added or removed, and smaller budgets are prefixes of larger ones.
+    """
+    salt = _splitmix64(np.array([int(seed) & _MASK64], np.uint64))[0]
+    return _splitmix64(rows.astype(np.uint64) ^ salt)
+
+
+def label_subset(labeled: np.ndarray, *, seed: int, fraction: float | None = None, count: int | None = None) -> np.ndarray:
+    """Seeded nested subset of ``labeled`` rows (sorted result): count = max(1, round(fraction * n)).
+
+    Rows are ranked by a seeded hash of their index and the first ``count`` are kept, so a smaller
+    budget is always a subset of a larger one with the same seed (1% ⊂ 10% ⊂ 100%).
+    """
+    n = len(labeled)
+    if fraction is not None and count is not None:
+        raise ConfigError("give label_fraction or label_count, not both")
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}")
+        count = max(1, int(round(fraction * n)))
+    if count is None:
+        return np.sort(labeled)
+    if count < 1 or count > n:
+        raise ConfigError(f"label_count must be between 1 and the {n} labeled records available, got {count}")
+    keys = _priority(labeled, seed)
+    order = np.lexsort((labeled, keys))  # ties (never seen in practice) broken by row
+    return np.sort(labeled[order[:count]])
+
+
+def select_rows(
+    store: str | Path,
+    *,
+    splits: Sequence[str],
+    target: str = "pseudo_mask",
+    exclude_degenerate: bool = True,
+    require_label: bool = False,
+    label_fraction: float | None = None,
+    label_count: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Sorted int64 row indices of ``status == 'ok'`` records of ``store`` in ``splits``.
+
+    target 'pseudo_mask' or 'pseudo_labels/<name>' drops degenerate records when
+    ``exclude_degenerate``; target 'label' or ``require_label`` keeps labeled records only.
+    ``label_fraction`` (0 < f <= 1) or ``label_count`` keep a seeded, nested subset of the labeled
+    rows (and imply ``require_label``); see :func:`label_subset`.
+    """
+    check_target(target)
+    if isinstance(splits, str):
+        splits = [splits]
+    unknown = [s for s in splits if s not in manifest_mod.SPLITS or not s]
+    if not splits or unknown:
+        raise ConfigError(f"unknown split(s) {list(unknown) or list(splits)}; available options are 'train', 'val', 'test'")
+    df = manifest_mod.read_manifest(store)
+    where = f"split {'+'.join(splits)} of {store}"
+    keep = (df["status"] == "ok").to_numpy() & df["split"].isin(list(splits)).to_numpy() & (df["row"] >= 0).to_numpy()
+    if not keep.any():
+        present = sorted(set(df.loc[df["status"] == "ok", "split"]))
+        raise StoreError(f"no stored records in {where} (splits present: {present}); rebuild the store or pick another split")
+    labels_only = require_label or target == store_mod.LABEL or label_fraction is not None or label_count is not None
+    if labels_only:
+        keep &= df["has_label"].to_numpy(bool)
+        if not keep.any():
+            raise StoreError(f"no labeled records in {where}: build the store with --labels")
+    elif exclude_degenerate:
+        n_before = int(keep.sum())
+        keep &= ~df["degenerate"].to_numpy(bool)
+        if not keep.any():
+            raise StoreError(
+                f"all {n_before} records in {where} have degenerate pseudo-masks; check the thresholding "
+                "parameters of the store or pass exclude_degenerate=False"
+            )
+    rows = np.unique(df.loc[keep, "row"].to_numpy(np.int64))
+    if label_fraction is not None or label_count is not None:
+        rows = label_subset(rows, seed=seed, fraction=label_fraction, count=label_count)
+    return rows.astype(np.int64)
+
+
+def plan_blocks(rows: np.ndarray, shard_records: int, n_consumers: int) -> list[np.ndarray]:
+    """Split sorted ``rows`` into read blocks: the selected rows of each shard, in shard order.
+
+    When there are fewer than ``2 * n_consumers`` shards, every block is split further into nearly
+    equal contiguous pieces of at most ``ceil(len(rows) / (2 * n_consumers))`` rows (down to single
+    rows), so that every consumer gets work. The plan never depends on the epoch.
+    """
+    rows = np.asarray(rows, np.int64)
+    if len(rows) == 0:
+        return []
+    shard = rows // shard_records
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    blocks = np.split(rows, cuts)
+    if len(blocks) >= 2 * n_consumers:
+        return blocks
+    max_len = max(1, math.ceil(len(rows) / (2 * n_consumers)))
+    return [piece for b in blocks for piece in np.array_split(b, math.ceil(len(b) / max_len))]
+
+
+def epoch_blocks(n_blocks: int, *, seed: int, source: int, epoch: int, consumer: int, n_consumers: int) -> np.ndarray:
+    """Block ids (into :func:`plan_blocks`) that ``consumer`` reads in ``epoch``, in reading order.
+
+    The blocks are permuted with a generator seeded by (seed, source, epoch) and dealt round-robin
+    to the consumers from a seeded starting consumer, so the consumers' shares are disjoint, cover
+    every block once per epoch, and no consumer is always the one left without a block.
+    """
+    if not 0 <= consumer < n_consumers:
+        raise ValueError(f"consumer {consumer} out of range for {n_consumers} consumers")
+    rng = rng_for(seed, TAG_EPOCH, source, epoch)
+    perm = rng.permutation(n_blocks)
+    shift = int(rng.integers(n_consumers))
+    return perm[(consumer + shift) % n_consumers :: n_consumers]
+
+
+def block_permutation(n: int, *, seed: int, source: int, epoch: int, block: int) -> np.ndarray:
+    """The order in which the rows of one block are visited in one epoch."""
+    return rng_for(seed, TAG_BLOCK, source, epoch, block).permutation(n)
+
+
+def epoch_order(
+    rows: np.ndarray,
+    *,
+    shard_records: int,
+    seed: int,
+    epoch: int,
+    consumer: int,
+    n_consumers: int,
+    source: int = 0,
+) -> np.ndarray:
+    """Rows one consumer reads from one source in one epoch, before the shuffle buffer.
+
+    ``consumer = rank * num_workers + worker`` and ``n_consumers = world_size * num_workers``
+    (``num_workers`` counted as 1 when the DataLoader has none). This is exactly the order the
+    stream uses; it is exposed for tests and tools.
+    """
+    plan = plan_blocks(rows, shard_records, n_consumers)
+    ids = epoch_blocks(len(plan), seed=seed, source=source, epoch=epoch, consumer=consumer, n_consumers=n_consumers)
+    parts = [plan[b][block_permutation(len(plan[b]), seed=seed, source=source, epoch=epoch, block=int(b))] for b in ids]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
