@@ -1,0 +1,154 @@
+"""Checkpoints: atomic, weights-only readable, exact resume after kill -9, skip / restart / changed inputs."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from medsass.trainer import checkpoint as ck
+from medsass.trainer.config import load_config
+from medsass.trainer.run import plan_run, run_stages
+
+from medsass import configio
+from medsass.errors import ConfigError, StoreError
+from medsass.testing import make_synthetic_store
+
+torch.set_num_threads(1)
+TINY = "tu-mobilenetv3_small_100"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_synthetic_store(tmp_path_factory.mktemp("ck") / "s.zarr", n=48, size=32)
+
+
+def tiny(out, store, **sections):
+    cfg = {
+        "out_dir": str(out), "stores": {"syn": str(store)}, "model": {"encoder": TINY},
+        "pretrain": {"steps": 3, "batch_size": 4, "log_every": 1, "checkpoint_every": 1},
+        "finetune": {"steps": 2, "batch_size": 4, "log_every": 1},
+        "evaluate": {"batch_size": 16, "overlays": 0},
+        "runtime": {"num_workers": 0, "progress": False, "threads": 1, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(cfg)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    ck.seed_everything(5)
+    state = ck.capture_rng()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ck.save(tmp_path / "x.pt", {"model": {}, "model_args": {}, "rng": state})
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temp file left behind
+    loaded = torch.load(tmp_path / "x.pt", weights_only=True)
+    ck.restore_rng(loaded["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+    assert loaded["medsass_version"] and loaded["format"] == ck.FORMAT
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable medsass checkpoint"):
+        ck.load(tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="does not exist"):
+        ck.load(tmp_path / "missing.pt")
+
+
+def _final_state(out, stage="pretrain"):
+    return torch.load(out / stage / "final.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(("workers", "accum"), [(0, 2), (2, 1)])
+def test_kill_9_mid_stage_then_rerun_reaches_the_same_weights(tmp_path, store, workers, accum):
+    sections = {"pretrain": {"steps": 10, "checkpoint_every": 3, "eval_every": 4, "grad_accum": accum}, "runtime": {"num_workers": workers}}
+    reference = tiny(tmp_path / "ref", store, **sections)
+    run_stages(reference, ["pretrain"])
+
+    cfg = tiny(tmp_path / "killed", store, **sections)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(configio.to_dict(cfg)))
+    cmd = [sys.executable, "-m", "medsass.trainer.cli", "run", str(cfg_file), "--stages", "pretrain"]
+    last = tmp_path / "killed" / "pretrain" / "last.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert last.exists() and not (tmp_path / "killed" / "pretrain" / "done").exists(), "the run finished before the kill"
+    killed_at = torch.load(last, weights_only=True)["step"]
+    assert 0 < killed_at < 10
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    ref, resumed = _final_state(tmp_path / "ref"), _final_state(tmp_path / "killed")
+    assert resumed["step"] == ref["step"] == 10 and resumed["batches"] == ref["batches"]
+    assert ref["model"].keys() == resumed["model"].keys()
+    for key, value in ref["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert resumed["best"] == ref["best"]
+    lines = [json.loads(x) for x in (tmp_path / "killed" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == list(range(1, 11))  # lines written after the checkpoint by the killed run are dropped
+
+
+def test_finished_stage_is_skipped_changed_config_refused_restart_redoes(tmp_path, store):
+    cfg = tiny(tmp_path / "out", store)
+    assert run_stages(cfg, ["pretrain"])["pretrain"].status == "done"
+    saved = (tmp_path / "out" / "pretrain" / "final.pt").stat().st_mtime_ns
+    assert run_stages(cfg, ["pretrain"])["pretrain"].status == "skipped"
+    changed = tiny(tmp_path / "out", store, pretrain={"lr": 0.01})
+    with pytest.raises(ConfigError, match="pretrain.lr"):
+        run_stages(changed, ["pretrain"])
+    assert run_stages(changed, ["pretrain"], restart=True)["pretrain"].status == "done"
+    assert (tmp_path / "out" / "pretrain" / "final.pt").stat().st_mtime_ns != saved
+    assert (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_changed_store_is_refused_before_resuming(tmp_path, store):
+    import shutil
+
+    from medsass import manifest
+
+    copy = shutil.copytree(store, tmp_path / "copy.zarr")
+    cfg = tiny(tmp_path / "out", copy)
+    run_stages(cfg, ["pretrain"])
+    (tmp_path / "out" / "pretrain" / "done").unlink()  # as if killed after the last checkpoint
+    table = manifest.read_table(manifest.manifest_path(copy)).to_pandas()
+    table.loc[0, "split"] = "val"
+    manifest.write_table(manifest.rows_to_table(table.to_dict("records")), manifest.manifest_path(copy))
+    with pytest.raises(StoreError, match="changed since"):
+        plan_run(cfg, ["pretrain"])
+    plans = plan_run(cfg, ["pretrain"], allow_changed_store=True)
+    assert plans[0].resume is not None and plans[0].resume["step"] == 3
+
+
+def test_resume_needs_same_worker_count(tmp_path, store):
+    run_stages(tiny(tmp_path / "out", store), ["pretrain"])
+    (tmp_path / "out" / "pretrain" / "done").unlink()
+    with pytest.raises(ConfigError, match="num_workers"):
+        plan_run(tiny(tmp_path / "out", store, runtime={"num_workers": 2}), ["pretrain"])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_gpu_code_paths_run_on_cpu(tmp_path, store, amp):
+    """bf16/fp16 autocast (+ GradScaler), channels_last, accumulation, clipping and warm-up on the CPU."""
+    cfg = tiny(tmp_path / "out", store, pretrain={"steps": 2, "grad_accum": 2, "grad_clip": 1.0, "warmup_steps": 1},
+               runtime={"amp": amp, "channels_last": True, "pin_memory": True})
+    summary = run_stages(cfg, ["pretrain"])["pretrain"].metrics
+    final = torch.load(tmp_path / "out" / "pretrain" / "final.pt", weights_only=True)
+    assert summary["step"] == 2 and final["batches"] == 4 and summary["samples"] == 16
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+    lines = [json.loads(x) for x in (tmp_path / "out" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)

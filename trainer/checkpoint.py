@@ -1,0 +1,130 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain dict of tensors and plain data (so the safe loader reads it)::
+
+    kind            last | best | final
+    stage           pretrain | finetune
+    model           U-Net state dict (clean keys: no DDP / compile prefixes)
+    model_args      what rebuilds the model (medsass.trainer.model.model_args)
+    mode            pretrain: end_to_end | encoder_only (what finetune may carry); finetune: its init
+    optimizer, scheduler, scaler    (last.pt only)
+    rng             torch / cuda / numpy / python RNG states as tensors and lists
+    step            optimiser steps done
+    batches         micro-batches consumed by each rank (the stream resumes after them)
+    best            best val IoU so far (or None)
+    config          the resolved run config (plain data)
+    stores          store name -> {"path", "manifest_digest"}
+    medsass_version, torch_version
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import medsass
+from medsass.errors import ConfigError, StoreError
+from medsass.manifest import manifest_digest
+
+FORMAT = 1
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` so a reader (or a resume after ``kill -9``) sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"format": FORMAT, "medsass_version": medsass.__version__, "torch_version": str(torch.__version__), **payload}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU with the safe (weights-only) unpickler."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ConfigError(f"{path} is not a readable medsass checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ConfigError(f"{path} is not a medsass checkpoint (no model / model_args entries)")
+    return ckpt
+
+
+def resolve(path: str | Path, stage: str = "pretrain") -> Path:
+    """A checkpoint file, or a run folder (``<run>/<stage>/final.pt``) or stage folder (``final.pt``)."""
+    path = Path(path)
+    for cand in (path, path / "final.pt", path / stage / "final.pt"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"no checkpoint at {path} (looked for the file, {path}/final.pt and {path}/{stage}/final.pt)")
+
+
+def file_id(path: str | Path | None) -> list[Any] | None:
+    """(resolved path, size, mtime) of a checkpoint: tells a done stage that its input was rewritten."""
+    if path is None or not Path(path).exists():
+        return None
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def store_digests(stores: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {name: {"path": str(p), "manifest_digest": manifest_digest(p)} for name, p in stores.items()}
+
+
+def check_stores(ckpt: dict[str, Any], current: dict[str, dict[str, str]], *, where: str, allow_changed: bool) -> None:
+    """Raise when a store this checkpoint was trained on (same name and path) has a changed manifest."""
+    changed = [
+        name
+        for name, now in current.items()
+        if name in ckpt.get("stores", {})
+        and ckpt["stores"][name]["path"] == now["path"]
+        and ckpt["stores"][name]["manifest_digest"] != now["manifest_digest"]
+    ]
+    if changed and not allow_changed:
+        raise StoreError(
+            f"store(s) {', '.join(n + ' (' + current[n]['path'] + ')' for n in changed)} changed since {where} was written "
+            "(manifest digest differs): splits or records may differ. Use a new out_dir, --restart, "
+            "or --allow-changed-store if the change is harmless"
+        )
+
+
+def capture_rng() -> dict[str, Any]:
+    """All RNG states, as tensors and plain lists (readable by the weights-only loader)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": int(version), "state": [int(x) for x in state], "gauss": gauss},
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

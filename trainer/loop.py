@@ -1,0 +1,298 @@
+"""The training loop: batches in, optimiser steps out; checkpoints, validation and logs by callback.
+
+Readable in one sitting. Everything that makes a step reproducible lives in :class:`LoopState`
+(step, micro-batches consumed) plus the model/optimiser/scheduler/scaler states, and the
+augmentation generator is seeded from (seed, step, micro-batch, rank) — so a run resumed from a
+checkpoint takes exactly the steps an uninterrupted run takes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from medsass.trainer.augment import augment_batch
+from medsass.trainer.config import StageConfig
+from medsass.trainer.distributed import DistInfo
+from medsass.trainer.losses import LossFn
+from torch import nn
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimiser steps done
+    batches: int = 0  # micro-batches this rank has consumed from its stream
+    best: float | None = None  # best val IoU so far
+
+
+def make_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+def lr_factor(step: int, cfg: StageConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warm-up, then cosine to ``min_lr`` (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA and nothing on CPU for ``auto``; None means full precision."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
+
+
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
+def augment_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_009 + micro) * 65_537 + rank & (2**63 - 1)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (rank 0), plus TensorBoard when installed; on resume, drops lines past the resume step."""
+
+    def __init__(self, path: Path, *, enabled: bool, resume_step: int, tensorboard: bool):
+        self.path, self.enabled, self.tb = path, enabled, None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # lines a killed run wrote after its last checkpoint would repeat
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        if tensorboard:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Loop:
+    """One stage's optimisation: ``Loop(...).run(batches, state, ...)``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: StageConfig,
+        loss_fn: LossFn,
+        *,
+        seed: int,
+        dist: DistInfo,
+        amp: str = "auto",
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        self.model, self.cfg, self.loss_fn, self.seed, self.dist = model, cfg, loss_fn, seed, dist
+        self.device = dist.device
+        self.amp_dtype = amp_dtype(amp, self.device)
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        net: nn.Module = model
+        if dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.net = torch.compile(net) if compile else net
+
+    # -- state (for checkpoints) -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+    # -- one step --------------------------------------------------------------------------
+    def prepare(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 batch -> float images in [0, 1] and {0, 1} masks on the device, augmented."""
+        x = batch["image"].to(self.device, non_blocking=True).float().div_(255)
+        y = (batch["target"].to(self.device, non_blocking=True) > 0).float()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(augment_seed(self.seed, step, micro, self.dist.rank))
+        x, y = augment_batch(x, y, self.cfg.augment, gen)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], state: LoopState) -> float:
+        cfg, accum = self.cfg, self.cfg.grad_accum
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.prepare(next(batches), state.step, micro)
+            state.batches += 1
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    logits = self.net(x)
+                loss = self.loss_fn(logits.float(), y) / accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with warnings.catch_warnings():  # fp16: the scaler may skip a step; the schedule still counts it
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            self.scheduler.step()
+        state.step += 1
+        value = float(total)
+        if not math.isfinite(value) and self.amp_dtype != torch.float16:  # fp16: the scaler skips such steps
+            raise FloatingPointError(f"loss is {value} at step {state.step}; lower the lr or check the data")
+        return value
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(
+        self,
+        batches: Iterator[dict[str, torch.Tensor]],
+        state: LoopState,
+        *,
+        validate: Callable[[nn.Module], float] | None,
+        checkpoint: Callable[[str, LoopState], None],
+        log: MetricsLog,
+        progress: bool = True,
+        desc: str = "train",
+    ) -> LoopState:
+        """Train from ``state`` to ``cfg.steps``; ``checkpoint(kind, state)`` with kind last | best."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not (progress and self.dist.is_main), dynamic_ncols=True)
+        busy, losses = 0.0, []  # seconds spent in train steps since the last log line (not eval / checkpoints)
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            losses.append(self.train_step(batches, state))
+            busy += time.perf_counter() - t0
+            step, lr = state.step, self.scheduler.get_last_lr()[0]
+            rate = len(losses) * per_step / max(busy, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.write({"step": step, "loss": sum(losses) / len(losses), "lr": lr, "samples_per_s": rate, "time": time.time()})
+                busy, losses = 0.0, []
+            if validate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                val = validate(self.model)
+                improved = state.best is None or val > state.best
+                state.best = val if improved else state.best
+                log.write({"step": step, "val_iou": val, "best_val_iou": state.best})
+                if improved:
+                    checkpoint("best", state)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                checkpoint("last", state)
+        bar.close()
+        return state
+
+
+# -- a training stage, wired: model, data, checkpoints ---------------------------------------------
+
+
+def run_training(config, plan, dist) -> dict[str, Any]:
+    """Run (or resume) the pretrain or finetune stage ``plan`` describes; returns its summary."""
+    from medsass.trainer import checkpoint as ck
+    from medsass.trainer.config import stage_section
+    from medsass.trainer.data import ShardStream, Source, make_loader
+    from medsass.trainer.evaluate import EvalSource, val_iou
+    from medsass.trainer.losses import build_loss
+    from medsass.trainer.model import build_model, freeze_unused, load_weights, model_args
+
+    from medsass import configio
+    from medsass.manifest import write_json
+
+    stage, scfg, rt = plan.stage, getattr(config, plan.stage), config.runtime
+    ck.seed_everything(config.seed)
+    model = build_model(config.model)
+    if plan.resume is None and plan.init in ("end_to_end", "encoder_only"):
+        load_weights(model, ck.load(plan.source)["model"], parts="all" if plan.init == "end_to_end" else "encoder")
+    model.to(dist.device)
+    target = config.pretrain.target if stage == "pretrain" else "label"
+    weights = config.stage_stores(stage)
+    stores = {n: config.stores[n] for n in weights}
+    sources = [Source(store=Path(stores[n]), rows=plan.rows[n], weight=weights[n], target=target) for n in weights]
+    if dist.enabled:  # DDP refuses parameters that get no gradient
+        freeze_unused(model, plan.image_size)
+    loop = Loop(model, scfg, build_loss(config.loss), seed=config.seed, dist=dist, amp=rt.amp,
+                channels_last=use_channels_last(rt.channels_last, dist.device), compile=rt.compile)
+    state = LoopState()
+    if plan.resume is not None:
+        model.load_state_dict(plan.resume["model"])
+        loop.load_state_dict(plan.resume)
+        ck.restore_rng(plan.resume["rng"])
+        state = LoopState(plan.resume["step"], plan.resume["batches"], plan.resume["best"])
+    stream = ShardStream(sources, seed=config.seed, rank=dist.rank, world_size=dist.world_size, shuffle_buffer=rt.shuffle_buffer,
+                         batch_size=scfg.batch_size, start_batch=state.batches, in_memory_limit_mb=rt.in_memory_limit_mb)
+    loader = make_loader(stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
+                         pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor)
+    val_sources = [EvalSource(n, Path(stores[n]), r, target) for n, r in plan.val_rows.items()]
+
+    def validate(m: nn.Module) -> float:
+        return val_iou(m, val_sources, batch_size=config.evaluate.batch_size, dist=dist, amp=loop.amp_dtype)
+
+    digests = ck.store_digests(stores)
+    mode = config.pretrain.mode if stage == "pretrain" else plan.init
+
+    def payload(kind: str, st: LoopState) -> dict[str, Any]:
+        out = {"kind": kind, "stage": stage, "model": model.state_dict(), "model_args": model_args(config.model),
+               "mode": mode, "step": st.step, "batches": st.batches, "best": st.best, "config": configio.to_dict(config),
+               "section": stage_section(config, stage), "stores": digests, "num_workers": rt.num_workers,
+               "world_size": dist.world_size, "rng": ck.capture_rng()}
+        return {**out, **loop.state_dict()} if kind == "last" else out
+
+    def checkpoint(kind: str, st: LoopState) -> None:
+        if dist.is_main:
+            ck.save(plan.dir / f"{kind}.pt", payload(kind, st))
+
+    log = MetricsLog(plan.dir / "metrics.jsonl", enabled=dist.is_main, resume_step=state.step, tensorboard=rt.tensorboard)
+    try:
+        loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage)
+    finally:
+        log.close()
+    summary = {"step": state.step, "best_val_iou": state.best, "samples": state.step * scfg.batch_size * scfg.grad_accum * dist.world_size}
+    if dist.is_main:
+        checkpoint("last", state)
+        checkpoint("final", state)
+        write_json({"stage": stage, "section": stage_section(config, stage), "metrics": summary, "init": mode,
+                    "source": str(plan.source) if plan.source else None, "source_id": ck.file_id(plan.source)}, plan.dir / "done")
+    return summary
