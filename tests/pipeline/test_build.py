@@ -1,7 +1,6 @@
 """build-masks end to end: real folders, plain-zarr readback, re-runs, parameter changes, bad inputs, retries."""
 import json
 import os
-import shutil
 import struct
 import zlib
 
