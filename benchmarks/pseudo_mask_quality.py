@@ -29,7 +29,8 @@ from medsass.pipeline import threshold as th
 from PIL import Image
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DATASETS = ("ph2_dermoscopy", "isic_sample", "nuclei_sample", "retina_vessels", "cxr_lungs")
+DATASETS = ("ph2_dermoscopy", "isic_sample", "nuclei_sample", "retina_vessels", "cxr_lungs", "sample")
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "dsb2018_nuclei"  # the bundled CC0 nuclei tiles
 POLARITIES = ("auto", "oracle", "bright", "dark")
 
 
@@ -39,6 +40,8 @@ POLARITIES = ("auto", "oracle", "bright", "dark")
 def pairs(dataset: str, root: Path = DATA) -> list[tuple[str, Path, Path]]:
     """(subset, image path, mask path) for one dataset, following its SOURCE.md pairing rule."""
     d = root / dataset
+    if dataset == "sample":
+        return [("DSB2018", p, SAMPLE / "masks" / p.name) for p in sorted((SAMPLE / "images").glob("*.tif"))]
     if dataset == "ph2_dermoscopy":
         return [("PH2", p, d / "masks" / f"{p.stem}_lesion.png") for p in sorted((d / "images").glob("*.png"))]
     if dataset == "isic_sample":

@@ -44,6 +44,7 @@ POLARITY_MAX_SIDE = 128  # the auto-polarity rule runs on a strided copy no larg
 _RIM = 0.02  # the dark "outside" region is grown by this fraction of the short side (its soft rim)
 _NEGLIGIBLE_DARK = 0.05  # dark side covering < 5% of the field of view: no dark object inside it
 _MIN_EDGE = 0.10  # if < 10% of the edge is left once the outside is set aside, keep the whole edge
+_TIE_MARGIN = 0.20  # edge votes closer than 20% of the touching edge are a tie: the minority side wins
 
 # Constants of the region-aware clean-up (fractions of the short side of a <=256 px copy).
 CLEAN_MAX_SIDE = 256
@@ -125,7 +126,9 @@ def choose_polarity(
     the bright side (plus a thin rim). Two guards: if the dark side inside the field of view is
     negligible (< 5%), the threshold only separated the field of view from its surroundings and the
     field of view (bright) is the foreground; if the outside covers nearly the whole edge (> 90%), it
-    *is* the background and the whole edge counts. Ties go to "bright".
+    *is* the background and the whole edge counts. When the two sides touch the remaining edge about
+    equally (within 20%; objects cut by a tile border), the side with fewer pixels inside the field of
+    view is the foreground.
     """
     gray = np.asarray(gray)
     step = max(1, -(-max(gray.shape) // max_side))
@@ -154,6 +157,10 @@ def choose_polarity(
         touch = edge
     dark_touch = np.count_nonzero(dark & touch)
     bright_touch = np.count_nonzero(bright & touch)
+    if abs(dark_touch - bright_touch) < _TIE_MARGIN * (dark_touch + bright_touch):
+        # Near tie on the edge (e.g. microscopy tiles whose objects are cut by the tile border):
+        # the smaller side inside the field of view is the foreground.
+        return "dark" if n_dark - n_out < np.count_nonzero(bright) else "bright"
     return "dark" if dark_touch < bright_touch else "bright"
 
 

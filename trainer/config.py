@@ -18,7 +18,7 @@ from medsass.errors import ConfigError
 
 Stage = Literal["pretrain", "finetune", "evaluate"]
 STAGES: tuple[str, ...] = ("pretrain", "finetune", "evaluate")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repo's example configs
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # example configs, shipped with the package
 
 
 @dataclass
@@ -184,7 +184,7 @@ class TrainConfig:
 
 
 def find_config(path: str | Path) -> Path:
-    """A config file, a run folder (its resolved ``config.yaml``), or an example in ``configs/`` (``cpu_small``)."""
+    """A config file, a run folder (its resolved ``config.yaml``), or an example in ``trainer/configs/`` (``cpu_small``)."""
     p = Path(path)
     if p.is_file():
         return p
