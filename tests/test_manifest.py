@@ -45,3 +45,11 @@ def test_foreign_store_is_refused(tmp_path):
         store.open_store(tmp_path / "x.zarr")
     with pytest.raises(StoreError, match="not a Zarr v3 store"):
         store.open_store(tmp_path / "missing.zarr")
+
+
+def test_every_column_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "data_manifests" / "SCHEMA.md").read_text()
+    for name in manifest.COLUMNS:
+        assert f"| `{name}` |" in doc, f"manifest column {name} is missing from data_manifests/SCHEMA.md"

@@ -154,5 +154,60 @@ def show_config(config: str, overrides: tuple[str, ...]) -> None:
         raise _fail(exc) from None
 
 
+
+@main.command("predict")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder (masks mirror the inputs' relative paths).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=16, show_default=True, help="Canvases per forward pass.")
+@click.option("--threshold", default=0.5, show_default=True, help="On sigmoid probabilities.")
+@click.option("--probabilities", is_flag=True, help="Also write float32 TIFF probability maps (<name>_prob.tif).")
+@click.option("--store", default=None, metavar="NAME", help="Whose prep parameters to repeat, when the checkpoint's stores differ.")
+def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str, batch_size: int, threshold: float,
+                probabilities: bool, store: str | None) -> None:
+    """Masks for raw files/folders INPUTS with CHECKPOINT (a .pt file or a run folder: finetune/final.pt).
+
+    Inputs are prepared exactly as the training store was (read from the checkpoint); masks come back
+    at each input's original size: <name>_mask.png, or a multi-page <name>_mask.tif for multi-frame
+    inputs, plus OUT/predictions.csv. Exit 3 when some inputs failed (listed on stderr and in the CSV).
+    """
+    from medsass.errors import MedsassError
+
+    try:
+        from medsass.trainer.predict import CSV_NAME, predict
+
+        rows = predict(checkpoint, inputs, out, device=device, batch_size=batch_size, threshold=threshold,
+                       probabilities=probabilities, store=store)
+    except MedsassError as exc:
+        raise _fail(exc) from None
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+    click.echo(f"{len(rows)} input(s): {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped; "
+               f"see {os.path.join(out, CSV_NAME)}", err=True)
+    bad = [r for r in rows if r["status"] != "ok"]
+    for r in bad[:20]:
+        click.echo(f"  {r['status'].upper()} {r['source']}: {r['reason']} [{r['reason_code']}]", err=True)
+    if len(bad) > 20:
+        click.echo(f"  ... and {len(bad) - 20} more (see the CSV)", err=True)
+    if counts["failed"]:
+        sys.exit(3)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [RUN_DIR/report.html].")
+def report_cmd(run_dir: str, out: str | None) -> None:
+    """One self-contained HTML page of a run: loss/val-IoU curves, metrics with the Otsu floor, overlays, config."""
+    from medsass.errors import MedsassError
+
+    try:
+        from medsass.trainer.report import write_run_report
+
+        path = write_run_report(run_dir, out)
+    except MedsassError as exc:
+        raise _fail(exc) from None
+    click.echo(str(path))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -21,6 +21,7 @@ import numpy as np
 from medsass.errors import InputError
 
 DEFAULT_MAX_PIXELS = 2**28
+IN_MEMORY_FORMATS = ("png", "jpeg", "gif", "bmp")  # readers that accept the file's bytes
 
 
 @dataclass
@@ -128,13 +129,20 @@ def probe(path: Path, fmt: str, *, salt: str = "") -> Probe:
 
 
 def read(
-    path: Path, fmt: str, frames: Sequence[int] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: Path, fmt: str, frames: Sequence[int] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes | None = None,
 ) -> list[Frame]:
-    """Decode the requested frames (None = all) as 2-D grayscale Frames; see module docstring."""
+    """Decode the requested frames (None = all) as 2-D grayscale Frames; see module docstring.
+
+    ``data``: the file's bytes when the caller already read them (saves a second read for small
+    single-image formats; readers that stream large files ignore it)."""
     path = Path(path)
     reader = _reader(path, fmt)
     try:
-        out = reader.read(path, fmt, frames, max_pixels=max_pixels)
+        if data is not None and fmt in IN_MEMORY_FORMATS:
+            out = reader.read(path, fmt, frames, max_pixels=max_pixels, data=data)
+        else:
+            out = reader.read(path, fmt, frames, max_pixels=max_pixels)
     except InputError:
         raise
     except MemoryError as exc:

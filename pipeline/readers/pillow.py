@@ -12,6 +12,8 @@ with imagecodecs instead, keeping uint16 samples (EXIF orientation is not applie
 """
 from __future__ import annotations
 
+import io
+
 import struct
 import warnings
 import zlib
@@ -53,10 +55,10 @@ def _error(path: Path, exc: Exception, what: str) -> InputError:
     return InputError(path, code, f"cannot {what}: {type(exc).__name__}: {text}")
 
 
-def _open(path: Path, fmt: str, max_pixels: int) -> Image.Image:
+def _open(path: Path, fmt: str, max_pixels: int, data: bytes | None = None) -> Image.Image:
     Image.MAX_IMAGE_PIXELS = max_pixels  # consistent with check_size; Pillow errors at 2x this
     try:
-        return Image.open(path, formats=PIL_FORMATS[fmt])
+        return Image.open(io.BytesIO(data) if data is not None else path, formats=PIL_FORMATS[fmt])
     except (UnidentifiedImageError, Image.DecompressionBombError, *_DECODE_ERRORS) as exc:
         raise _error(path, exc, f"open as {fmt.upper()}") from exc
 
@@ -132,12 +134,12 @@ def probe(path: Path, fmt: str, *, salt: str = "") -> Probe:
         return Probe(format=fmt, n_frames=1, shape=(h, w), group=None, meta=meta)
 
 
-def read(path: Path, fmt: str, frames: Sequence[int] | None, *, max_pixels: int) -> list[Frame]:
-    """Decode frame 0 (the only one) as 2-D grayscale."""
+def read(path: Path, fmt: str, frames: Sequence[int] | None, *, max_pixels: int, data: bytes | None = None) -> list[Frame]:
+    """Decode frame 0 (the only one) as 2-D grayscale. ``data``: the file's bytes, when already read."""
     idx = select_frames(path, frames, 1)
     if not idx:
         return []
-    with _open(path, fmt, max_pixels) as im:
+    with _open(path, fmt, max_pixels, data) as im:
         check_size(path, im.height, im.width, 1, max_pixels)
         mode, channels = im.mode, len(im.getbands())
         if _is_16bit_colour_png(im):
