@@ -1,6 +1,5 @@
 """prep -> pretrain -> fine-tune -> evaluate on a real folder, on CPU, through the two CLIs."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -13,7 +13,9 @@ A checkpoint is a plain dict of tensors and plain data (so the safe loader reads
     batches         micro-batches consumed by each rank (the stream resumes after them)
     best            best val IoU so far (or None)
     config          the resolved run config (plain data)
-    stores          store name -> {"path", "manifest_digest"}
+    stores          store name -> {"path", "manifest_digest", "prep"}; prep = the store's prep parameters
+                    {"size", "geometry": {size, resize, tile, tile_overlap, max_pixels},
+                    "threshold": {method, polarity, intensity}} that ``medsass-train predict`` repeats
     medsass_version, torch_version
 """
 from __future__ import annotations
@@ -81,8 +83,25 @@ def file_id(path: str | Path | None) -> list[Any] | None:
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 
-def store_digests(stores: dict[str, str]) -> dict[str, dict[str, str]]:
-    return {name: {"path": str(p), "manifest_digest": manifest_digest(p)} for name, p in stores.items()}
+def store_digests(stores: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per store: path, manifest digest and prep parameters (what a checkpoint records about its data)."""
+    return {name: {"path": str(p), "manifest_digest": manifest_digest(p), "prep": prep_params(p)} for name, p in stores.items()}
+
+
+def prep_params(store: str | Path) -> dict[str, Any]:
+    """The store's image size and its prep ``geometry`` / ``threshold`` parameters, as plain data.
+
+    Read from ``attrs['medsass']['params']`` (written by ``medsass-prep build-masks``); a store without
+    them (e.g. a synthetic test store) records only its size."""
+    from medsass.store import open_store
+
+    _, info = open_store(store)
+    params = info.attrs.get("params") or {}
+    out: dict[str, Any] = {"size": info.size}
+    for key in ("geometry", "threshold"):
+        if isinstance(params.get(key), dict):
+            out[key] = dict(params[key])
+    return out
 
 
 def check_stores(ckpt: dict[str, Any], current: dict[str, dict[str, str]], *, where: str, allow_changed: bool) -> None:

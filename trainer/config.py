@@ -42,12 +42,18 @@ class LossConfig:
     fp_weight: float = 0.3  # focal-Tversky weight of false positives (paper 0.3; smp calls it alpha)
     gamma: float = 0.75  # loss = (1 - TI) ** gamma
     per_image: bool = False  # false: TP/FP/FN pooled over the batch (as smp); true: mean over images
+    # How a soft pseudo-label p in [0, 1] (selftrain mode soft) is used; binary targets give the same loss under all three:
+    # threshold: target p >= 0.5; weight: that target, each pixel weighted by its confidence |2p - 1|; target: p itself
+    soft_labels: Literal["threshold", "weight", "target"] = "threshold"
 
     def __post_init__(self) -> None:
         if self.fn_weight < 0 or self.fp_weight < 0 or self.fn_weight + self.fp_weight <= 0:
             raise ValueError("loss.fn_weight and loss.fp_weight must be >= 0 and not both 0")
         if self.gamma <= 0:
             raise ValueError(f"loss.gamma must be > 0, got {self.gamma}")
+        if self.soft_labels == "weight" and self.name not in ("focal_tversky", "bce"):
+            raise ValueError(f"loss.soft_labels=weight needs loss.name focal_tversky or bce (got {self.name}); "
+                             "or use soft_labels threshold / target")
 
 
 @dataclass
@@ -133,6 +139,33 @@ class EvaluateConfig:
 
 
 @dataclass
+class SelfTrainConfig:
+    """``medsass-train selftrain``: re-label the pretrain pool with the model's predictions, pretrain again, N rounds."""
+
+    rounds: int = 1  # re-label + pretrain rounds
+    name: str = "st"  # round r writes pseudo_labels/<name>_r<r> in every pretrain store (an existing name is refused)
+    mode: Literal["hard", "soft"] = "hard"  # hard: {0,1} = p >= threshold; soft: p stored as uint8 round(255 p)
+    threshold: float = 0.5  # hard mode; soft labels are thresholded at 0.5 by the trainer (loss.soft_labels)
+    source: str | None = None  # round 0's model (.pt or run folder); null = <out_dir>/pretrain/final.pt (trained first if missing)
+    min_fg: float = 0.005  # a new pseudo-label with a smaller foreground fraction is degenerate (not pretrained on)
+    max_fg: float = 0.995  # ... or with a larger one
+    evaluate: bool = True  # zero-shot IoU of every round's model on evaluate.splits' labeled records
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"selftrain.rounds must be >= 1, got {self.rounds}")
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise ValueError(f"selftrain.name={self.name!r}: use letters, digits, _ and - only")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"selftrain.threshold must be in (0, 1), got {self.threshold}")
+        if self.mode == "soft" and self.threshold != 0.5:
+            raise ValueError("selftrain.mode=soft stores probabilities, which the trainer thresholds at 0.5; "
+                             "leave selftrain.threshold at 0.5 (or use mode hard)")
+        if not 0 <= self.min_fg < self.max_fg <= 1:
+            raise ValueError(f"need 0 <= selftrain.min_fg < selftrain.max_fg <= 1, got {self.min_fg}, {self.max_fg}")
+
+
+@dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
@@ -159,6 +192,7 @@ class TrainConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
@@ -237,7 +271,10 @@ def stage_section(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     stores = {n: cfg.stores[n] for n in cfg.stage_stores(stage)}
     if stage == "evaluate":
         return {"stores": stores, "evaluate": configio.to_dict(cfg.evaluate)}
-    return {**common, "stores": stores, "loss": configio.to_dict(cfg.loss), stage: configio.to_dict(getattr(cfg, stage))}
+    loss = configio.to_dict(cfg.loss)
+    if loss["soft_labels"] == "threshold":  # added later: at its default it must not change older runs' sections
+        del loss["soft_labels"]
+    return {**common, "stores": stores, "loss": loss, stage: configio.to_dict(getattr(cfg, stage))}
 
 
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -100,6 +100,8 @@ def select_rows(
 
     target 'pseudo_mask' or 'pseudo_labels/<name>' drops degenerate records when
     ``exclude_degenerate``; target 'label' or ``require_label`` keeps labeled records only.
+    A 'pseudo_labels/<name>' target with a sidecar table (:func:`pseudo_label_sidecar`) keeps only
+    the rows the sidecar lists and takes their ``degenerate`` flag from it.
     ``label_fraction`` (0 < f <= 1) or ``label_count`` keep a seeded, nested subset of the labeled
     rows (and imply ``require_label``); see :func:`label_subset`.
     """
@@ -112,6 +114,12 @@ def select_rows(
     df = manifest_mod.read_manifest(store)
     where = f"split {'+'.join(splits)} of {store}"
     keep = (df["status"] == "ok").to_numpy() & df["split"].isin(list(splits)).to_numpy() & (df["row"] >= 0).to_numpy()
+    sidecar = pseudo_label_sidecar(store, target)
+    if sidecar is not None:  # rows never re-labelled (test, other splits) have no pseudo-label; its own QC flag applies
+        flags = dict(zip(sidecar["row"].tolist(), sidecar["degenerate"].tolist()))
+        keep &= df["row"].isin(list(flags)).to_numpy()
+        df = df.assign(degenerate=[bool(flags.get(r, True)) for r in df["row"].tolist()])
+        where += f" covered by {target}"
     if not keep.any():
         present = sorted(set(df.loc[df["status"] == "ok", "split"]))
         raise StoreError(f"no stored records in {where} (splits present: {present}); rebuild the store or pick another split")
@@ -132,6 +140,22 @@ def select_rows(
     if label_fraction is not None or label_count is not None:
         rows = label_subset(rows, seed=seed, fraction=label_fraction, count=label_count)
     return rows.astype(np.int64)
+
+
+def pseudo_label_sidecar(store: str | Path, target: str):
+    """The per-record table ``<store>/pseudo_labels/<name>.parquet`` of a pseudo-label target, or None.
+
+    Written by :mod:`medsass.trainer.selftrain` (columns sample_id, row, split, fg_fraction,
+    mean_confidence, degenerate); None for other targets or arrays written without one.
+    """
+    if not target.startswith(store_mod.PSEUDO_GROUP + "/"):
+        return None
+    path = Path(store) / f"{target}.parquet"
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pandas()
 
 
 def plan_blocks(rows: np.ndarray, shard_records: int, n_consumers: int) -> list[np.ndarray]:
