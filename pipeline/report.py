@@ -38,7 +38,7 @@ def build_store_report(path: str | Path, *, n_samples: int = 24, seed: int = 0) 
         H.section("Summary", _summary(rep)),
         H.section("Failed and skipped inputs", _failures(df)),
         H.section("Pseudo-mask foreground fraction", _fg_histogram(ok)),
-        H.section(f"Sample of records (seed {seed})", _legend(), _thumbnails(group, _sample(ok, n_samples, seed))),
+        H.section(f"Sample of records (seed {seed})", _legend(), _thumbnails(group, sample_records(ok, n_samples, seed))),
         H.section("QC-flagged and degenerate records", _flagged(group, ok)),
         H.section("Otsu pseudo-mask vs real mask", _pseudo_vs_label(group, info, ok)),
     ]
@@ -87,7 +87,8 @@ def _fg_histogram(ok: pd.DataFrame) -> str:
     return H.img(png, "foreground-fraction histogram")
 
 
-def _sample(ok: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+def sample_records(ok: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` records drawn without replacement with ``np.random.default_rng(seed)``, in row order."""
     if n <= 0 or ok.empty:
         return ok.iloc[:0]
     rng = np.random.default_rng(seed)
