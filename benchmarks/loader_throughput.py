@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from medsass import manifest, store
 from medsass.testing import blob_image
 from medsass.trainer.augment import AugmentConfig, augment_batch
 from medsass.trainer.data import ShardStream, Source, make_loader, select_rows
@@ -60,23 +59,17 @@ def otsu_and_resize(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return img, msk
 
 
-# TODO(lead): replace build_store with the real prep call once `medsass-prep build-masks` exists,
-# e.g. medsass.pipeline.cli.main(["build-masks", str(png_dir), "--out", str(out), "--size", str(size), ...]).
 def build_store(png_dir: Path, out: Path, size: int, shard_records: int = 256) -> Path:
-    """Stand-in for `medsass-prep build-masks`: Otsu pseudo-masks at native size, resized, written shard by shard."""
-    paths = sorted(png_dir.glob("*.png"))
-    n = len(paths)
-    group = store.create(out, n_records=n, size=size, shard_records=shard_records, attrs={"params": {"benchmark": True}})
-    rows = []
-    for shard in range(store.n_shards(n, shard_records)):
-        a, b = store.shard_bounds(shard, shard_records, n)
-        pairs = [otsu_and_resize(p, size) for p in paths[a:b]]
-        store.write_rows(group, a, {store.IMAGE: np.stack([p[0] for p in pairs]), store.PSEUDO_MASK: np.stack([p[1] for p in pairs])})
-        rows += [manifest.empty_row(sample_id=p.name, source=str(p), status="ok", row=a + i, shard=shard, split="train",
-                                    format="png", method="otsu") for i, p in enumerate(paths[a:b])]
-    manifest.write_table(manifest.rows_to_table(rows), manifest.manifest_path(out))
-    manifest.write_json({"schema_version": manifest.SCHEMA_VERSION, "counts": {"ok": n}}, manifest.summary_path(out))
-    store.consolidate(out)
+    """The store for (a), built by the real prep stage (`medsass-prep build-masks`), every record in train."""
+    from medsass.pipeline.build import build
+    from medsass.pipeline.config import BuildConfig, Source, SplitConfig
+
+    cfg = BuildConfig(sources=[Source(path=str(png_dir))], out=str(out), split=SplitConfig(val=0.0, test=0.0))
+    cfg.geometry.size = size
+    cfg.runtime.shard_records = shard_records
+    cfg.runtime.workers = 2
+    cfg.runtime.progress = False
+    build(cfg)
     return out
 
 
