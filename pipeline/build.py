@@ -238,14 +238,16 @@ def _pair_and_split(cfg: BuildConfig, entries: list[PlanEntry], salt: str) -> No
     indexes = [LabelIndex(s.labels) for s in cfg.sources]
     keys = GroupKeys(cfg.split, salt)
     pending = [e for e in entries if e.status == "pending"]
+    identities = []
     for e in pending:
         p = indexes[e.source_index].pair(e.source, e.rel)
         e.label_path, e.label_status, e.label_reason = p.path, p.status, p.reason
-        e.group = keys.key(e.root, e.rel, e.dicom_group or None)
-    splits = assign_splits([e.group for e in pending], [e.n_records for e in pending],
-                           [e.label_status == "ok" for e in pending], cfg.split)
-    for e, s in zip(pending, splits):
-        e.split = s
+        identities.append(keys.identity(e.sample_base, e.dicom_group or None))
+    splits = assign_splits(identities, [e.n_records for e in pending], [e.label_status == "ok" for e in pending], cfg.split)
+    for e, ident, s in zip(pending, identities, splits):
+        e.group, e.split = keys.stored(ident), s
+    for e in entries:
+        e.dicom_group = ""  # the unsalted patient hash never reaches disk
 
 
 # ----------------------------------------------------------------------------- arrays and shards
@@ -328,7 +330,8 @@ def _pair_and_split_more(cfg, entries, fixed, salt) -> None:
     for e in fixed:
         p = indexes[e.source_index].pair(e.source, e.rel)
         e.label_path, e.label_status, e.label_reason = p.path, p.status, p.reason
-        e.group = keys.key(e.root, e.rel, e.dicom_group or None)
+        e.group = keys.key(e.sample_base, e.dicom_group or None)
+        e.dicom_group = ""
         e.split = known.get(e.group, "train")  # a group already split keeps its split; new groups train
 
 

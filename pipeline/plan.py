@@ -42,7 +42,7 @@ class PlanEntry:
     records_per_frame: int = 0
     n_records: int = 0
     row_start: int = -1
-    dicom_group: str = ""  # salted hash of PatientID from the header ('' when none)
+    dicom_group: str = ""  # transient: unsalted hash of PatientID while planning; cleared before the plan is saved
     group: str = ""
     split: str = ""
     label_path: str = ""
@@ -73,7 +73,7 @@ def probe_entries(entries: Sequence[PlanEntry], cfg_geometry: dict, salt: str) -
                 raise InputError(e.source, "empty_file", "file is empty (0 bytes)")
             if not e.format:
                 raise SkipInput(e.source, "not_an_image", "not a DICOM, PNG, JPEG, TIFF, GIF or BMP file (by content)")
-            pr = probe(Path(e.source), e.format, salt=salt)
+            pr = probe(Path(e.source), e.format, salt="")  # unsalted PatientID hash: split identity, never stored
             e.n_frames, (e.height, e.width) = int(pr.n_frames), (int(pr.shape[0]), int(pr.shape[1]))
             e.dicom_group = pr.group or ""
             e.photometric = str(pr.meta.get("photometric", ""))

@@ -1,8 +1,11 @@
 """Grouped, deterministic train/val/test splits.
 
 Every record of a group (a DICOM patient, a file's frames and tiles, a folder, a CSV group) lands in
-the same split, so no patient leaks across splits. Groups are ordered by ``sha256(seed:group)`` and
-filled into test, then val, until each holds its share of the records; the rest is train.
+the same split, so no patient leaks across splits. Groups are ordered by ``sha256(seed:identity)`` and
+filled into test, then val, until each holds its share of the records; the rest is train. The identity
+(an unsalted hash of the PatientID, the CSV group, the regex match, or the path relative to the inputs'
+common parent) never leaves memory, so the same data and seed give the same split whatever the salt and
+wherever the folder lies; the stored ``group`` column is a salted hash of it.
 
 When some records have real labels (and ``split_unlabeled`` is off), the shares are taken over the
 *labeled* groups only and groups without any label all go to train: a large unlabeled archive feeds
@@ -27,7 +30,8 @@ def salted_hash(salt: str, value: str) -> str:
 
 
 class GroupKeys:
-    """Computes the (salted, hashed) group key of a file."""
+    """The group of a file: an *identity* (kept in memory only; it orders the split, so splits do not
+    depend on the salt) and the salted hash of it that is stored."""
 
     def __init__(self, cfg: SplitConfig, salt: str):
         self.cfg = cfg
@@ -35,21 +39,29 @@ class GroupKeys:
         self.regex = re.compile(cfg.group_by[6:]) if cfg.group_by.startswith("regex:") else None
         self.csv: dict[str, str] = _read_groups(Path(cfg.groups_csv), cfg) if cfg.groups_csv else {}
 
-    def key(self, root: str, rel: str, dicom_group: str | None) -> str:
-        if dicom_group:  # already a salted hash of PatientID (readers never return the raw ID)
-            return dicom_group
+    def identity(self, rel: str, dicom_patient: str | None) -> str:
+        """``rel``: the path relative to the inputs' common parent; ``dicom_patient``: an unsalted hash of
+        the DICOM PatientID (readers never return the raw ID)."""
+        if dicom_patient:
+            return "dicom:" + dicom_patient
         rel_p = PurePosixPath(rel)
         if self.csv:
             hit = self.csv.get(rel) or self.csv.get(rel_p.name) or self.csv.get(rel_p.stem)
             if hit is not None:
-                return salted_hash(self.salt, "csv:" + hit)
+                return "csv:" + hit
         if self.regex is not None:
             m = self.regex.search(rel)
             if m:
-                return salted_hash(self.salt, "re:" + (m.group(1) if m.groups() else m.group(0)))
+                return "re:" + (m.group(1) if m.groups() else m.group(0))
         if self.cfg.group_by == "dir":
-            return salted_hash(self.salt, f"dir:{root}/{rel_p.parent}")
-        return salted_hash(self.salt, f"file:{root}/{rel}")
+            return f"dir:{rel_p.parent}"
+        return f"file:{rel}"
+
+    def stored(self, identity: str) -> str:
+        return salted_hash(self.salt, identity)
+
+    def key(self, rel: str, dicom_patient: str | None = None) -> str:
+        return self.stored(self.identity(rel, dicom_patient))
 
 
 def _read_groups(path: Path, cfg: SplitConfig) -> dict[str, str]:

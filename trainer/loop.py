@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from medsass.trainer import preempt
 from medsass.trainer.augment import augment_batch
 from medsass.trainer.config import StageConfig
 from medsass.trainer.distributed import DistInfo
@@ -120,6 +121,7 @@ class Loop:
         self.device = dist.device
         self.amp_dtype = amp_dtype(amp, self.device)
         self.channels_last = channels_last
+        self.soft_target = False  # targets hold probabilities round(255 p) (selftrain mode soft), read as p in [0, 1]
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, cfg)
@@ -145,10 +147,16 @@ class Loop:
     def prepare(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch -> float images in [0, 1] and {0, 1} masks on the device, augmented."""
         x = batch["image"].to(self.device, non_blocking=True).float().div_(255)
-        y = (batch["target"].to(self.device, non_blocking=True) > 0).float()
+        t = batch["target"].to(self.device, non_blocking=True)
+        y = t.float().div_(255) if self.soft_target else (t > 0).float()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(augment_seed(self.seed, step, micro, self.dist.rank))
-        x, y = augment_batch(x, y, self.cfg.augment, gen)
+        if self.soft_target:
+            from medsass.trainer.selftrain import augment_soft
+
+            x, y = augment_soft(x, y, self.cfg.augment, gen)
+        else:
+            x, y = augment_batch(x, y, self.cfg.augment, gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -222,6 +230,8 @@ class Loop:
                     checkpoint("best", state)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint("last", state)
+            if preempt.requested(self.dist):  # SIGUSR1/SIGTERM: last.pt now, exit PREEMPT_EXIT (trainer/preempt.py)
+                preempt.stop(checkpoint, state, self.dist, log)
         bar.close()
         return state
 
@@ -265,7 +275,12 @@ def run_training(config, plan, dist) -> dict[str, Any]:
                          batch_size=scfg.batch_size, start_batch=state.batches, in_memory_limit_mb=rt.in_memory_limit_mb)
     loader = make_loader(stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
                          pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor)
-    val_sources = [EvalSource(n, Path(stores[n]), r, target) for n, r in plan.val_rows.items()]
+    if stage == "pretrain":
+        from medsass.trainer.selftrain import is_soft_target
+
+        loop.soft_target = is_soft_target(stores.values(), target)
+    # val IoU compares hard masks (> 0): not defined for a probability target, so no best.pt then
+    val_sources = [] if loop.soft_target else [EvalSource(n, Path(stores[n]), r, target) for n, r in plan.val_rows.items()]
 
     def validate(m: nn.Module) -> float:
         return val_iou(m, val_sources, batch_size=config.evaluate.batch_size, dist=dist, amp=loop.amp_dtype)
@@ -286,7 +301,8 @@ def run_training(config, plan, dist) -> dict[str, Any]:
 
     log = MetricsLog(plan.dir / "metrics.jsonl", enabled=dist.is_main, resume_step=state.step, tensorboard=rt.tensorboard)
     try:
-        loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage)
+        with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
+            loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage)
     finally:
         log.close()
     summary = {"step": state.step, "best_val_iou": state.best, "samples": state.step * scfg.batch_size * scfg.grad_accum * dist.world_size}

@@ -36,8 +36,15 @@ def test_group_keys_are_salted_hashes(tmp_path):
     csv = tmp_path / "g.csv"
     csv.write_text("filename,patientid\na.png,P1\nb.png,P1\nc.png,P2\n")
     keys = GroupKeys(SplitConfig(groups_csv=str(csv)), salt="s")
-    a, b, c = (keys.key("/r", n, None) for n in ("a.png", "b.png", "c.png"))
+    a, b, c = (keys.key(n) for n in ("a.png", "b.png", "c.png"))
     assert a == b != c and "P1" not in a and a == salted_hash("s", "csv:P1")
     k2 = GroupKeys(SplitConfig(group_by="regex:(pat\\d+)"), salt="s")
-    assert k2.key("/r", "pat1/x.png", None) == k2.key("/r", "pat1/y.png", None) != k2.key("/r", "pat2/x.png", None)
-    assert GroupKeys(SplitConfig(), "s").key("/r", "x", "dicomhash") == "dicomhash"
+    assert k2.key("pat1/x.png") == k2.key("pat1/y.png") != k2.key("pat2/x.png")
+    k3 = GroupKeys(SplitConfig(), "s")
+    assert k3.key("x", "patienthash") == salted_hash("s", "dicom:patienthash") != "patienthash"
+    assert GroupKeys(SplitConfig(group_by="dir"), "s").key("p1/a.png") == GroupKeys(SplitConfig(group_by="dir"), "s").key("p1/b.png")
+
+
+def test_split_does_not_depend_on_salt():
+    ids = [GroupKeys(SplitConfig(), salt).identity(f"img{i}.png", None) for i in range(30) for salt in ("a",)]
+    assert ids == [GroupKeys(SplitConfig(), "b").identity(f"img{i}.png", None) for i in range(30)]
