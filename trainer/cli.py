@@ -209,5 +209,38 @@ def report_cmd(run_dir: str, out: str | None) -> None:
     click.echo(str(path))
 
 
+@main.command("selftrain")
+@_config_arg
+@_set_opt
+@click.option("--rounds", type=click.IntRange(min=1), default=None, help="Re-label + pretrain rounds [selftrain.rounds].")
+@click.option("--name", default=None, help="Round r writes pseudo_labels/<NAME>_r<r> [selftrain.name].")
+def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, name: str | None) -> None:
+    """Self-training: re-label the train (and val) pool with the pretrained model, pretrain again, N rounds."""
+    from medsass.errors import MedsassError
+
+    try:
+        from medsass.trainer.distributed import teardown
+        from medsass.trainer.selftrain import run_selftrain
+
+        try:
+            result = run_selftrain(_load(config, overrides), rounds=rounds, name=name)
+        finally:
+            teardown()
+    except (MedsassError, FloatingPointError) as exc:
+        raise _fail(exc) from None
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for rnd in result["rounds"]:
+        parts = []
+        for store, res in rnd["stores"].items():
+            for split, q in res.items():
+                if isinstance(q, dict) and q["n"]:
+                    parts.append(f"{store}/{split} pseudo-label IoU {q['iou_per_image_mean']:.3f} (n={q['n']})")
+        for split, m in (rnd.get("zero_shot") or {}).items():
+            if isinstance(m, dict) and "iou" in m:
+                parts.append(f"zero-shot {split} IoU {m['iou']:.3f} (per image {m['iou_per_image_mean']:.3f})")
+        click.echo(f"round {rnd['round']} {rnd['target']}: " + "; ".join(parts))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -144,8 +144,10 @@ class SelfTrainConfig:
 
     rounds: int = 1  # re-label + pretrain rounds
     name: str = "st"  # round r writes pseudo_labels/<name>_r<r> in every pretrain store (an existing name is refused)
-    mode: Literal["hard", "soft"] = "hard"  # hard: {0,1} = p >= threshold; soft: p stored as uint8 round(255 p)
-    threshold: float = 0.5  # hard mode; soft labels are thresholded at 0.5 by the trainer (loss.soft_labels)
+    mode: Literal["hard", "soft"] = "hard"  # hard: {0,1} = p >= threshold; soft: p' = sigmoid(logit p - logit threshold) as uint8 round(255 p')
+    # the probability counted as foreground: match_fg = the t at which the pool's foreground fraction equals its parent
+    # target's (label-free; undoes the inflation the FN-heavy loss gives p: at 0.5 the masks grow every round), or a number
+    threshold: float | Literal["match_fg"] = "match_fg"
     source: str | None = None  # round 0's model (.pt or run folder); null = <out_dir>/pretrain/final.pt (trained first if missing)
     min_fg: float = 0.005  # a new pseudo-label with a smaller foreground fraction is degenerate (not pretrained on)
     max_fg: float = 0.995  # ... or with a larger one
@@ -156,11 +158,8 @@ class SelfTrainConfig:
             raise ValueError(f"selftrain.rounds must be >= 1, got {self.rounds}")
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
             raise ValueError(f"selftrain.name={self.name!r}: use letters, digits, _ and - only")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"selftrain.threshold must be in (0, 1), got {self.threshold}")
-        if self.mode == "soft" and self.threshold != 0.5:
-            raise ValueError("selftrain.mode=soft stores probabilities, which the trainer thresholds at 0.5; "
-                             "leave selftrain.threshold at 0.5 (or use mode hard)")
+        if self.threshold != "match_fg" and not 0 < self.threshold < 1:
+            raise ValueError(f"selftrain.threshold must be in (0, 1) or match_fg, got {self.threshold}")
         if not 0 <= self.min_fg < self.max_fg <= 1:
             raise ValueError(f"need 0 <= selftrain.min_fg < selftrain.max_fg <= 1, got {self.min_fg}, {self.max_fg}")
 
