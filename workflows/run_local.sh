@@ -51,14 +51,6 @@ if [ "$nproc" -gt 1 ]; then
 fi
 step train "${train[@]}" run "$config" --set "stores.$MEDSASS_STORE_NAME=$store" --set "out_dir=$run" "$@"
 
-if medsass-prep report --help >/dev/null 2>&1; then
-  step "store report" medsass-prep report "$store" --out "$out/store_report.html"
-else
-  medsass_log "== store report: skipped (this medsass has no \`medsass-prep report\`)"
-fi
-if medsass-train report --help >/dev/null 2>&1; then
-  step "run report" medsass-train report "$run" --out "$out/run_report.html"
-else
-  medsass_log "== run report: skipped (this medsass has no \`medsass-train report\`)"
-fi
+step "store report" medsass-prep report "$store" --out "$out/store_report.html"
+step "run report" medsass-train report "$run" --out "$out/run_report.html"
 medsass_log "done: store $store, run $run (metrics: $run/evaluate/metrics.json)"

@@ -11,10 +11,6 @@ import pytest
 from medsass.manifest import read_manifest
 
 
-def _has(*cmd: str) -> bool:
-    return subprocess.run([*cmd, "--help"], capture_output=True).returncode == 0
-
-
 @pytest.mark.timeout(600)
 def test_run_local_end_to_end_then_rerun_skips(tmp_path, ph2_dataset, workflows, tiny_train):
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
@@ -29,11 +25,8 @@ def test_run_local_end_to_end_then_rerun_skips(tmp_path, ph2_dataset, workflows,
     assert metrics["test"]["n"] == 2 and 0 <= metrics["test"]["iou"] <= 1
     for stage in ("pretrain", "finetune"):
         assert (out / "run" / stage / "final.pt").exists()
-    for name, tool in (("store_report.html", "medsass-prep"), ("run_report.html", "medsass-train")):
-        if _has(tool, "report"):
-            assert (out / name).stat().st_size > 1000
-        else:
-            assert f"{name.split('_')[0]} report: skipped" in first.stderr
+    for name in ("store_report.html", "run_report.html"):
+        assert (out / name).stat().st_size > 1000
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # every step resumes or skips
     assert again.returncode == 0, again.stderr[-3000:]

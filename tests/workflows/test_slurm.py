@@ -172,8 +172,6 @@ def test_evaluate_array_one_task_per_line(run_dir, env, work, workflows):
 
 
 def test_predict_array_one_task_per_chunk(run_dir, env, work, workflows, ph2_dataset):
-    if subprocess.run(["medsass-train", "predict", "--help"], env=env, capture_output=True).returncode != 0:
-        pytest.skip("medsass-train predict is not there yet")
     inputs = sorted((ph2_dataset.parent / "images").glob("*.png"))[:3]
     listing = work / "inputs.txt"
     listing.write_text("".join(f"{p}\n" for p in inputs))
