@@ -16,9 +16,6 @@ from typing import Literal
 from medsass import configio
 from medsass.errors import ConfigError
 
-Method = Literal["otsu", "multiotsu", "li", "yen", "triangle"]
-
-
 @dataclass
 class LabelSource:
     """Where the real masks for one group of inputs are, and how they pair with the images."""
@@ -54,9 +51,15 @@ class GeometryConfig:
 
 @dataclass
 class ThresholdConfig:
-    method: str = "otsu"  # otsu | multiotsu | li | yen | triangle (see medsass.pipeline.threshold.METHODS)
+    method: str = "otsu"  # one of medsass.pipeline.threshold.METHODS (docs/pseudo_masks.md)
     polarity: Literal["auto", "bright", "dark"] = "auto"
     intensity: Literal["percentile", "minmax"] = "percentile"  # how non-8-bit images map to uint8
+
+    def __post_init__(self) -> None:
+        from .threshold import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not a method prep knows; choose one of {', '.join(METHODS)}")
 
 
 @dataclass

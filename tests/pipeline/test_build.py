@@ -197,3 +197,13 @@ def test_existing_foreign_output_is_never_touched(tmp_path, dask_scheduler):
     with pytest.raises(StoreError, match="not a medsass store"):
         build(cfg_for(src, out, dask_scheduler), overwrite=True)
     assert (out / "keep.txt").read_text() == "data"
+
+
+def test_unknown_method_is_a_usage_error_before_any_work(tmp_path):
+    src = tmp_path / "src"
+    write_blob_pngs(src, 2, size=32)
+    out = tmp_path / "never.zarr"
+    res = CliRunner().invoke(main, ["build-masks", str(src), "--out", str(out), "--method", "otsuu"])
+    assert res.exit_code == 2, res.output
+    assert "'otsuu' is not a method" in res.output and "fov_otsu_hull" in res.output
+    assert not out.exists()
