@@ -58,6 +58,9 @@ def effective_shard_records(n_records: int, max_records: int) -> int:
 def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = False) -> BuildResult:
     out = Path(cfg.out)
     t0 = time.time()
+    for src in cfg.sources:  # before anything is created: a typo must not leave a half-made store behind
+        if not Path(src.path).expanduser().exists():
+            raise InputError(Path(src.path), "not_found", f"input path does not exist: {src.path}; check the spelling")
     _prepare_output(out, cfg, overwrite)
     work = store.work_dir(out)
     salt = _salt(cfg, work)

@@ -207,3 +207,10 @@ def test_unknown_method_is_a_usage_error_before_any_work(tmp_path):
     assert res.exit_code == 2, res.output
     assert "'otsuu' is not a method" in res.output and "fov_otsu_hull" in res.output
     assert not out.exists()
+
+
+def test_missing_input_leaves_no_store_behind(tmp_path):
+    out = tmp_path / "never.zarr"
+    res = CliRunner().invoke(main, ["build-masks", str(tmp_path / "typo"), "--out", str(out)])
+    assert res.exit_code == 2 and "does not exist" in res.output and "typo" in res.output
+    assert not out.exists()
