@@ -19,17 +19,18 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from medsass.trainer.augment import AugmentConfig, augment_batch
+from medsass.trainer.data import ShardStream, Source, make_loader, select_rows
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from medsass.testing import blob_image
-from medsass.trainer.augment import AugmentConfig, augment_batch
-from medsass.trainer.data import ShardStream, Source, make_loader, select_rows
 
 SOURCE_SIZE = 512
 

@@ -15,8 +15,17 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Any,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
 
@@ -204,4 +213,4 @@ def _deepcopy(value: Any) -> Any:
     return value
 
 
-__all__ = ["load", "from_dict", "apply_overrides", "to_dict", "dump_yaml", "read_yaml", "typing"]
+__all__ = ["apply_overrides", "dump_yaml", "from_dict", "load", "read_yaml", "to_dict", "typing"]

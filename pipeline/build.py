@@ -458,4 +458,4 @@ def _log_run(work: Path, entry: dict) -> None:
         fh.write(json.dumps(entry) + "\n")
 
 
-__all__ = ["build", "BuildResult", "build_shard", "assemble", "EXIT_OK", "EXIT_SOME_FAILED"]
+__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "BuildResult", "assemble", "build", "build_shard"]

@@ -16,6 +16,7 @@ from typing import Literal
 from medsass import configio
 from medsass.errors import ConfigError
 
+
 @dataclass
 class LabelSource:
     """Where the real masks for one group of inputs are, and how they pair with the images."""

@@ -7,9 +7,9 @@ writes the same rows as an uninterrupted one. The plan is saved in ``<store>/_me
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pyarrow as pa
 

@@ -7,9 +7,10 @@ decoded gives failed rows (never an exception), so one bad file never stops a sh
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,6 @@ from . import geometry
 from .intensity import to_uint8
 from .labels import binarize
 from .plan import PlanEntry
-
 
 IN_MEMORY_MAX_BYTES = 64 << 20  # smaller PNG/JPEG/GIF/BMP files are read once into memory
 

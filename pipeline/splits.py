@@ -17,8 +17,8 @@ import csv
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Sequence
 
 from medsass.errors import ConfigError
 

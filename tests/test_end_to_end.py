@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from medsass.pipeline.cli import main as prep
 from medsass.trainer.cli import main as train
 

@@ -84,7 +84,7 @@ def test_tiny_study_pairs_arms_and_is_resumable(le, tmp_path, capsys):
     scratch = _weights(runs / "scratch" / "seed0" / "n001" / "finetune" / "final.pt")
     enc = _weights(runs / "otsu" / "seed0" / "n001" / "encoder_only" / "finetune" / "final.pt")
     e2e = _weights(runs / "otsu" / "seed0" / "n001" / "end_to_end" / "finetune" / "final.pt")
-    close = lambda a, b, keys: all(torch.allclose(a[k], b[k], atol=1e-6) for k in keys)  # noqa: E731
+    close = lambda a, b, keys: all(torch.allclose(a[k], b[k], atol=1e-6) for k in keys)
     dec = [k for k in pre if not k.startswith("encoder.")]
     assert close(enc, scratch, dec) and close(enc, pre, [k for k in pre if k.startswith("encoder.")])
     assert close(e2e, pre, list(pre)) and not close(scratch, pre, list(pre))

@@ -13,16 +13,28 @@ Typical use::
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from medsass.trainer.records import (
+    epoch_blocks,
+    epoch_order,
+    label_subset,
+    plan_blocks,
+    select_rows,
+)
+from medsass.trainer.stream import (
+    ArrayReader,
+    ShardStream,
+    Source,
+    make_loader,
+    read_rows,
+)
 
 from medsass import store as store_mod
 from medsass.errors import ConfigError
-from medsass.trainer.records import epoch_blocks, epoch_order, label_subset, plan_blocks, select_rows
-from medsass.trainer.stream import ArrayReader, ShardStream, Source, make_loader, read_rows
 
 __all__ = [
     "ArrayReader", "ShardStream", "Source", "epoch_blocks", "epoch_order", "iter_eval", "label_subset",

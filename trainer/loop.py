@@ -246,7 +246,12 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     from medsass.trainer.data import ShardStream, Source, make_loader
     from medsass.trainer.evaluate import EvalSource, val_iou
     from medsass.trainer.losses import build_loss
-    from medsass.trainer.model import build_model, freeze_unused, load_weights, model_args
+    from medsass.trainer.model import (
+        build_model,
+        freeze_unused,
+        load_weights,
+        model_args,
+    )
 
     from medsass import configio
     from medsass.manifest import write_json

@@ -9,19 +9,27 @@ only the rows still sitting in the shuffle buffer, so the resumed stream is bit-
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from medsass.trainer.records import (
+    TAG_MIX,
+    TAG_SHUFFLE,
+    block_permutation,
+    check_target,
+    epoch_blocks,
+    plan_blocks,
+    rng_for,
+)
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medsass import store as store_mod
 from medsass.errors import ConfigError, StoreError
-from medsass.trainer.records import (
-    TAG_MIX, TAG_SHUFFLE, block_permutation, check_target, epoch_blocks, plan_blocks, rng_for,
-)
+
 
 class ArrayReader:
     """Reads rows of one (N, S, S) store array through zarr, one slice read per shard.

@@ -95,7 +95,7 @@ def check_frame(path: Path, frame: Frame) -> Frame:
 
 
 # Readers import Frame/Probe and the helpers above from this package, so import them last.
-from . import dicom, pillow, tiff  # noqa: E402
+from . import dicom, pillow, tiff
 
 READERS: dict[str, ModuleType] = {
     "dicom": dicom,
@@ -152,4 +152,4 @@ def read(
     return [check_frame(path, f) for f in out]
 
 
-__all__ = ["READERS", "Frame", "Probe", "probe", "read", "check_size", "select_frames", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DEFAULT_MAX_PIXELS", "READERS", "Frame", "Probe", "check_size", "probe", "read", "select_frames"]

@@ -17,17 +17,23 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.datadict import tag_for_keyword
-from pydicom.filereader import read_partial
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
-from pydicom.pixels.utils import pixel_array
 from pydicom import uid as U
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    get_decoder,
+    iter_pixels,
+)
+from pydicom.pixels.utils import pixel_array
 
 from medsass.errors import InputError, MissingPluginError, SkipInput
 
-from . import Frame, Probe, check_size, select_frames
 from ..gray import to_gray
+from . import Frame, Probe, check_size, select_frames
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 _PIXEL_KEYWORDS = (

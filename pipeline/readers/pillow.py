@@ -13,7 +13,6 @@ with imagecodecs instead, keeping uint16 samples (EXIF orientation is not applie
 from __future__ import annotations
 
 import io
-
 import struct
 import warnings
 import zlib
@@ -26,8 +25,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from medsass.errors import InputError
 
-from . import DEFAULT_MAX_PIXELS, Frame, Probe, check_size, select_frames
 from ..gray import to_gray
+from . import DEFAULT_MAX_PIXELS, Frame, Probe, check_size, select_frames
 
 PIL_FORMATS = {"png": ("PNG",), "jpeg": ("JPEG", "MPO"), "gif": ("GIF",), "bmp": ("BMP", "DIB")}
 ORIENTATION = 0x0112

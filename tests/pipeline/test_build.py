@@ -9,13 +9,13 @@ import pydicom
 import pytest
 import zarr
 from click.testing import CliRunner
+from medsass.pipeline.build import build
+from medsass.pipeline.cli import main
+from medsass.pipeline.config import BuildConfig, LabelSource, Source, load_dataset_file
 from PIL import Image
 
 from medsass import manifest
 from medsass.errors import StoreError
-from medsass.pipeline.build import build
-from medsass.pipeline.cli import main
-from medsass.pipeline.config import BuildConfig, LabelSource, Source, load_dataset_file
 from medsass.testing import write_blob_pngs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

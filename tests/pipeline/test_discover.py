@@ -4,15 +4,15 @@ import os
 import zipfile
 from pathlib import Path
 
+import medsass.pipeline.discover as disc
 import numpy as np
 import pytest
 import tifffile
+from medsass.pipeline.discover import FORMATS, Candidate, discover, sniff
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-import medsass.pipeline.discover as disc
 from medsass.errors import InputError
-from medsass.pipeline.discover import FORMATS, Candidate, discover, sniff
 
 
 def _pil_bytes(fmt: str, mode: str = "L") -> bytes:

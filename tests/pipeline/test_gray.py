@@ -1,7 +1,6 @@
 """Known answers for colour -> grayscale conversion."""
 import numpy as np
 import pytest
-
 from medsass.pipeline.gray import to_gray
 
 

@@ -1,5 +1,4 @@
 import numpy as np
-
 from medsass.pipeline.intensity import to_uint8
 
 

@@ -1,8 +1,8 @@
 import pytest
-
-from medsass.errors import ConfigError
 from medsass.pipeline.config import LabelSource
 from medsass.pipeline.labels import LabelIndex
+
+from medsass.errors import ConfigError
 
 
 def _touch(p):

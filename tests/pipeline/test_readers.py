@@ -6,10 +6,14 @@ import struct
 import zlib
 from pathlib import Path
 
+import medsass.pipeline.readers.dicom as dicom_reader
 import numpy as np
 import pydicom
 import pytest
 import tifffile
+from medsass.pipeline.discover import sniff
+from medsass.pipeline.gray import to_gray
+from medsass.pipeline.readers import READERS, Frame, Probe, probe, read
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -17,11 +21,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-import medsass.pipeline.readers.dicom as dicom_reader
 from medsass.errors import InputError, MissingPluginError, SkipInput
-from medsass.pipeline.discover import sniff
-from medsass.pipeline.gray import to_gray
-from medsass.pipeline.readers import READERS, Frame, Probe, probe, read
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")

@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from medsass.trainer.augment import AugmentConfig, augment_batch
 
 GEOMETRY_ONLY = AugmentConfig(brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0)

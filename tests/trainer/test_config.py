@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import pytest
-from medsass.trainer.config import CONFIG_DIR, TrainConfig, diff_keys, load_config, stage_section, with_overrides
+from medsass.trainer.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    diff_keys,
+    load_config,
+    stage_section,
+    with_overrides,
+)
 
 from medsass import configio
 from medsass.errors import ConfigError

@@ -4,7 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 from medsass.trainer.config import ModelConfig
-from medsass.trainer.model import build_model, check_compatible, check_encoder, encoder_state, load_weights, model_args, unwrap
+from medsass.trainer.model import (
+    build_model,
+    check_compatible,
+    check_encoder,
+    encoder_state,
+    load_weights,
+    model_args,
+    unwrap,
+)
 
 from medsass.errors import ConfigError
 

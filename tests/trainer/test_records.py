@@ -4,11 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from medsass.trainer.records import (
+    epoch_blocks,
+    epoch_order,
+    label_subset,
+    plan_blocks,
+    select_rows,
+)
 
 from medsass import manifest
 from medsass.errors import ConfigError, StoreError
 from medsass.testing import make_synthetic_store
-from medsass.trainer.records import epoch_blocks, epoch_order, label_subset, plan_blocks, select_rows
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_select_only_ok_records(tmp_path):
     failed = manifest.rows_to_table([manifest.empty_row(sample_id="bad.png", status="failed", reason_code="decode_error")])
     manifest.write_table(pa.concat_tables([table, failed]), manifest.manifest_path(path))
     rows = select_rows(path, splits=["train"])
-    assert rows.min() >= 0 and len(rows) == int(round(0.6 * 16))
+    assert rows.min() >= 0 and len(rows) == round(0.6 * 16)
 
 
 def test_label_fraction_nested_and_deterministic(store):

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from medsass.trainer.data import (
+    ArrayReader,
+    ShardStream,
+    Source,
+    epoch_order,
+    iter_eval,
+    make_loader,
+    read_rows,
+    select_rows,
+)
 
 from medsass import store as store_mod
 from medsass.errors import ConfigError, StoreError
 from medsass.testing import make_synthetic_store
-from medsass.trainer.data import (
-    ArrayReader, ShardStream, Source, epoch_order, iter_eval, make_loader, read_rows, select_rows,
-)
 
 
 @pytest.fixture(scope="module")
