@@ -46,8 +46,9 @@ def _split_spec(text: str) -> dict[str, float]:
 @click.option("--resize", type=click.Choice(["stretch", "pad"]), help="stretch, or pad to keep the aspect ratio [stretch].")
 @click.option("--tile/--no-tile", default=None, help="Cut native-resolution SIZE x SIZE tiles instead of resizing.")
 @click.option("--tile-overlap", type=int, help="Overlap of neighbouring tiles in pixels [0].")
-@click.option("--method", help="Pseudo-mask threshold [otsu]: otsu, multiotsu, li, yen, triangle, or a region-aware "
-              "fov_otsu, fov_otsu_clean, fov_otsu_hull, fov_multiotsu_hull (docs/pseudo_masks.md).")
+@click.option("--method", help="Pseudo-mask threshold [fov_otsu_hull: Otsu inside the field of view, objects filled "
+              "to their convex hull]; otsu is the paper's plain per-image Otsu; also multiotsu, li, yen, triangle, "
+              "fov_otsu, fov_otsu_clean, fov_multiotsu_hull (docs/pseudo_masks.md).")
 @click.option("--polarity", type=click.Choice(["auto", "bright", "dark"]), help="Which side is foreground [auto].")
 @click.option("--intensity", type=click.Choice(["percentile", "minmax"]), help="How non-8-bit images map to uint8 [percentile].")
 @click.option("--split", "split_spec", help="Fractions, e.g. val=0.1,test=0.2 (train is the rest).")

@@ -3,7 +3,7 @@
 Counts (from :func:`medsass.pipeline.inspect_store.inspect_store`), failures and skipped inputs
 grouped by reason, the pseudo-mask foreground-fraction histogram, thumbnails of a seeded sample of
 records with the pseudo-mask outline (red) and the real-mask outline (green) where there is one,
-the QC-flagged / degenerate records, and per-image IoU of the Otsu pseudo-mask against the real
+the QC-flagged / degenerate records, and per-image IoU of the pseudo-mask (any --method) against the real
 masks. Everything shown comes from the manifest and the store's arrays: nothing from DICOM headers
 beyond what the manifest holds.
 """
@@ -40,7 +40,7 @@ def build_store_report(path: str | Path, *, n_samples: int = 24, seed: int = 0) 
         H.section("Pseudo-mask foreground fraction", _fg_histogram(ok)),
         H.section(f"Sample of records (seed {seed})", _legend(), _thumbnails(group, sample_records(ok, n_samples, seed))),
         H.section("QC-flagged and degenerate records", _flagged(group, ok)),
-        H.section("Otsu pseudo-mask vs real mask", _pseudo_vs_label(group, info, ok)),
+        H.section("Pseudo-mask vs real mask", _pseudo_vs_label(group, info, ok)),
     ]
     return H.page(f"medsass store report: {path.name}", body,
                   subtitle=f"{path} \u2014 schema v{info.schema_version}, {info.size}\u00d7{info.size} px, {info.n_records} rows")

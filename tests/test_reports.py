@@ -116,7 +116,7 @@ def test_run_report_curves_metrics_overlays_config(run_dir):
     assert "http" not in html and "<script" not in html
     assert all(src.startswith("data:image/png;base64,") for src in images(html))
     assert "pretrain: training curves" in html and "finetune: training curves" in html
-    assert "Otsu floor IoU" in html and "0.7842" in html and "0.6621" in html
+    assert "pseudo-mask floor IoU" in html and "0.7842" in html and "0.6621" in html
     assert html.count("<figure>") == 4 and "case_3.png" in html and "test: worst" in html
     assert "encoder: resnet18" in html and "data/&lt;store&gt;.zarr" in html  # config shown, escaped
 

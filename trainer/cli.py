@@ -62,7 +62,7 @@ def _run(config: str, overrides: Sequence[str], stages: Sequence[str] | None, re
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medsass")
 def main() -> None:
-    """Pretrain a U-Net on Otsu pseudo-masks, fine-tune it on few labels, evaluate IoU.
+    """Pretrain a U-Net on threshold pseudo-masks, fine-tune it on few labels, evaluate IoU.
 
     CONFIG is a YAML file (or the name of an example in trainer/configs/, e.g. cpu_small).
     Stages write into the config's out_dir: pretrain/, finetune/, evaluate/.
@@ -96,7 +96,7 @@ def _stage_command(stage: str, doc: str) -> None:
 
 _stage_command("pretrain", "Pretrain the whole U-Net on the stores' pseudo-masks.")
 _stage_command("finetune", "Fine-tune on real labels (a label_fraction / label_count subset).")
-_stage_command("evaluate", "Score a checkpoint: IoU/Dice, the Otsu floor, per-image CSV, overlays.")
+_stage_command("evaluate", "Score a checkpoint: IoU/Dice, the pseudo-mask floor, per-image CSV, overlays.")
 
 
 @main.command("arms")
@@ -136,7 +136,7 @@ def demo_cmd(out: str, workers: int) -> None:
     for split, m in metrics.items():
         floor = m.get("otsu_floor", {})
         click.echo(f"{split}: IoU {m['iou']:.3f} (per image {m['iou_per_image_mean']:.3f}), Dice {m['dice']:.3f}, n={m['n']}; "
-                   f"Otsu pseudo-mask floor IoU {floor.get('iou', float('nan')):.3f}")
+                   f"pseudo-mask floor IoU {floor.get('iou', float('nan')):.3f}")
     click.echo(f"store: {out}/sample.zarr   run: {out}/run   (metrics.json, per_image.csv, overlays/ under {out}/run/evaluate)")
 
 
@@ -197,7 +197,7 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str,
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [RUN_DIR/report.html].")
 def report_cmd(run_dir: str, out: str | None) -> None:
-    """One self-contained HTML page of a run: loss/val-IoU curves, metrics with the Otsu floor, overlays, config."""
+    """One self-contained HTML page of a run: loss/val-IoU curves, metrics with the pseudo-mask floor, overlays, config."""
     from medsass.errors import MedsassError
 
     try:

@@ -1,7 +1,7 @@
 """``medsass-train demo``: the whole method on the bundled sample, on CPU, in a few minutes.
 
-prep (build-masks on ``sample_data/dsb2018_nuclei``, CC0) -> pretrain on the Otsu pseudo-masks ->
-fine-tune on 3 labeled tiles -> evaluate on the test split (with the Otsu floor), all into ``OUT``.
+prep (build-masks on ``sample_data/dsb2018_nuclei``, CC0) -> pretrain on the pseudo-masks ->
+fine-tune on 3 labeled tiles -> evaluate on the test split (with the pseudo-mask floor), all into ``OUT``.
 Re-running resumes / skips what is finished, like every medsass command.
 """
 from __future__ import annotations

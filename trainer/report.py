@@ -112,9 +112,10 @@ def _metrics(folder: Path) -> str:
             rows.append((split, name, s.get("n"), s.get("iou"), s.get("dice"), s.get("iou_per_image_mean"),
                          s.get("dice_per_image_mean"), None, None, None))
     tab = H.table(["split", "store", "n", "IoU", "Dice", "IoU per image", "Dice per image",
-                   "Otsu floor IoU", "Otsu floor IoU per image", "Otsu floor Dice"], rows)
-    note = ('<p class="muted">IoU/Dice are micro scores (pixels pooled over the split, threshold 0.5); the Otsu floor scores '
-            "the stored pseudo-masks against the same labels.</p>")
+                   "pseudo-mask floor IoU", "floor IoU per image", "floor Dice"], rows)
+    note = ('<p class="muted">IoU/Dice are micro scores (pixels pooled over the split, threshold 0.5); the pseudo-mask floor '
+            "(<code>otsu_floor</code> in metrics.json) scores the stored pseudo-masks, whichever threshold method made "
+            "them, against the same labels.</p>")
     return tab + note + _per_image_hist(folder / "per_image.csv")
 
 
