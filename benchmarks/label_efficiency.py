@@ -584,6 +584,17 @@ def markdown(rows: list[dict[str, Any]], study: Study, header: list[str]) -> str
                 cells += [_fmt_diff(_diffs(idx, ds, t, a, n, main)) for n in ns_m for a in arm_m]
                 lines.append(f"| `{t}` | " + " | ".join(cells) + " |")
             lines.append("")
+            heads = [f"{ARM_LABELS[a]} @{n}" for n in ns_m for a in arm_m]
+            lines += [f"Paired per-seed difference of each target against `{main}` as the target (same arm, labels, "
+                      "seed):", "", "| target | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+            for t in others:
+                cells = []
+                for n in ns_m:
+                    for a in arm_m:
+                        x, y = idx.get((ds, t, a, n), {}), idx.get((ds, main, a, n), {})
+                        cells.append(_fmt_diff([x[k] - y[k] for k in sorted(x) if k in y]))
+                lines.append(f"| `{t}` − `{main}` | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -608,6 +619,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             st = [_stats(list(idx[(ds, main, arm, n)].values())) for n in ns]
             ax.errorbar(ns, [s[0] for s in st], yerr=[0 if math.isnan(s[1]) else s[1] for s in st], marker="o", ms=4,
                         capsize=3, color=colors[arm], label=ARM_LABELS[arm])
+        others = list(dict.fromkeys(t for (d, t, a, n) in idx if d == ds and t != main and a in ARMS))
+        for t_i, t in enumerate(others):  # another pretraining target over >= 3 budgets (e.g. fov_otsu_hull): dashed
+            for arm in ARMS[1:]:
+                ns = sorted(n for (d, tt, a, n) in idx if (d, tt, a) == (ds, t, arm))
+                if len(ns) < 3:
+                    continue
+                st = [_stats(list(idx[(ds, t, arm, n)].values())) for n in ns]
+                ax.errorbar(ns, [s[0] for s in st], yerr=[0 if math.isnan(s[1]) else s[1] for s in st], marker="s", ms=4,
+                            capsize=3, ls="--", color=colors[arm], alpha=0.8 - 0.2 * t_i, label=f"{ARM_LABELS[arm]} ({t})")
         for arm, style, color in (("otsu_floor", "--", "black"), ("zero_shot", ":", "tab:purple")):
             vals = list(idx.get((ds, main, arm, 0), {}).values())
             if vals:
@@ -616,7 +636,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ns_all = sorted({n for (d, t, a, n) in idx if d == ds and a in ARMS})
         ax.set_xticks(ns_all, [str(n) for n in ns_all])
         ax.minorticks_off()
-        ax.set_title(f"{ds} ({main})", fontsize=10)
+        ax.set_title(f"{ds} (solid: pretrained on {main})", fontsize=10)
         ax.set_xlabel("labeled train images")
         ax.set_ylabel("test IoU (micro)")
         ax.set_ylim(0, 1)
@@ -654,10 +674,15 @@ def _header(study: Study, train: dict[str, Any], command: str, history: list[dic
     made = [h for h in history if h.get("runs_done")]
     wall = sum(h["seconds"] for h in made)
     pre, ft = train.get("pretrain", {}), train.get("finetune", {})
-    runs_by = sorted({h["command"] for h in made} - {command})
+    runs_by = list(dict.fromkeys(h["command"] for h in made if h["command"] != command))
+    if "--report-only" in command.split():
+        first = (f"Runs made by: {', '.join(f'`{c}`' for c in runs_by)}; this table written by `{command}`" if runs_by
+                 else f"Written by `{command}`")
+    else:
+        first = f"Produced by: `{command}`" + ("" if not runs_by else " (some runs made earlier by " +
+                                               ", ".join(f"`{c}`" for c in runs_by) + ")")
     return [
-        f"Produced by: `{command}`" + ("" if not runs_by else " (some runs made earlier by " +
-                                       ", ".join(f"`{c}`" for c in runs_by) + ")"),
+        first,
         "",
         f"Settings: `{train.get('model', {}).get('encoder')}` U-Net, {sorted({r['size'] for r in rows})} px, pretrain {pre.get('steps')} steps, "
         f"fine-tune {ft.get('steps')} steps, batch {ft.get('batch_size')}, seeds {study.seeds}, budgets {study.budgets} "

@@ -4,8 +4,9 @@
 
 (a) decode-only floor: PIL decode of every PNG to a numpy array, 2 processes;
 (b) naive loop, 1 process, as a user would write it: PIL open -> skimage Otsu -> save mask PNG;
-(c) ``medsass-prep build-masks`` with 1 and 2 Dask workers (whole command, cluster start-up included,
-    and the shard phase alone).
+(c) ``medsass-prep build-masks --method otsu`` (the naive loop's threshold) with 1 and 2 Dask workers (whole
+    command, cluster start-up included, and the shard phase alone);
+(d) ``build-masks`` with its default ``--method fov_otsu_hull`` (region-aware; better masks, more work), 2 workers.
 Prints images/s and the ratios the prep issue targets, plus store size vs input size.
 """
 from __future__ import annotations
@@ -66,10 +67,10 @@ def naive_loop(paths: list[Path], out: Path) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
-def build_masks(src: Path, out: Path, workers: int) -> tuple[float, float]:
-    """(images/s of the whole command, images/s of the shard phase alone)."""
+def build_masks(src: Path, out: Path, workers: int, method: str | None = "otsu") -> tuple[float, float]:
+    """(images/s of the whole command, images/s of the shard phase alone); ``method=None``: the default."""
     cmd = [sys.executable, "-m", "medsass.pipeline.cli", "build-masks", str(src), "--out", str(out), "--size", "256",
-           "--workers", str(workers), "--no-progress"]
+           "--workers", str(workers), "--no-progress", *(["--method", method] if method else [])]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     whole = time.perf_counter() - t
@@ -103,6 +104,9 @@ def main() -> None:
         out = work / f"store_w{w}.zarr"
         shutil.rmtree(out, ignore_errors=True)
         res[f"build_masks_{w}w"], res[f"build_masks_{w}w_shards"] = build_masks(src, out, w)
+    out = work / "store_default_w2.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    res["build_masks_2w_default_method"], res["build_masks_2w_default_method_shards"] = build_masks(src, out, 2, None)
     res["input_mb"] = dir_bytes(src) / 1e6
     res["store_mb"] = dir_bytes(work / "store_w2.zarr") / 1e6
     ratios = {
@@ -111,16 +115,17 @@ def main() -> None:
         "2w / 1w (target >= 1.7)": res["build_masks_2w"] / res["build_masks_1w"],
         "2w shard phase / decode floor": res["build_masks_2w_shards"] / res["decode_floor_2proc"],
         "2w / 1w shard phase": res["build_masks_2w_shards"] / res["build_masks_1w_shards"],
+        "default method (fov_otsu_hull) / otsu, 2w": res["build_masks_2w_default_method"] / res["build_masks_2w"],
         "store / input size": res["store_mb"] / res["input_mb"],
     }
     print(f"\nprep throughput, {len(paths)} PNGs 512x512 -> 256x256 store (images/s)")
     for k in ("decode_floor_2proc", "naive_loop_1proc", "build_masks_1w", "build_masks_2w", "build_masks_1w_shards",
-              "build_masks_2w_shards"):
-        print(f"  {k:28s} {res[k]:8.1f}")
+              "build_masks_2w_shards", "build_masks_2w_default_method", "build_masks_2w_default_method_shards"):
+        print(f"  {k:38s} {res[k]:8.1f}")
     print(f"  input {res['input_mb']:.1f} MB, store {res['store_mb']:.1f} MB")
     print("ratios:")
     for k, v in ratios.items():
-        print(f"  {k:40s} {v:6.2f}")
+        print(f"  {k:44s} {v:6.2f}")
     if args.out_json:
         args.out_json.write_text(json.dumps({"figures": res, "ratios": ratios}, indent=2))
 
