@@ -4,6 +4,7 @@
     python benchmarks/label_efficiency.py benchmarks/studies/cpu.yaml --report-only   # tables + plot from finished runs
     python benchmarks/label_efficiency.py STUDY --datasets ph2_dermoscopy --seeds 0 --set train.pretrain.steps=4
     python benchmarks/label_efficiency.py STUDY --dry-run                             # list the runs, train nothing
+    python benchmarks/label_efficiency.py compare A/results.csv B/results.csv [ARM]   # paired a - b across studies
 
 What runs, per dataset of the study (a dataset file from data_manifests/ or an existing store):
 
@@ -493,6 +494,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for r in rows:
+            run_dir = Path(str(r["run_dir"]))  # relative to where the study ran (the repo root), not this machine's path
+            if run_dir.is_absolute() and run_dir.is_relative_to(Path.cwd()):
+                r = {**r, "run_dir": str(run_dir.relative_to(Path.cwd()))}
             w.writerow({k: (f"{v:.6f}" if isinstance(v, float) and k not in ("seconds",) else v) for k, v in r.items()})
 
 
@@ -555,10 +559,16 @@ def markdown(rows: list[dict[str, Any]], study: Study, header: list[str]) -> str
         floor = _fmt(list(idx.get((ds, main, "otsu_floor", 0), {}).values()))
         zs = list(idx.get((ds, main, "zero_shot", 0), {}).values())
         zs_gain = [z - f for z, f in zip(zs, idx.get((ds, main, "otsu_floor", 0), {}).values())]
+        if not zs and study.pretrain_from:  # the pretrain runs (floor, zero-shot) belong to another study
+            src = Path(study.pretrain_from)
+            src = src.relative_to(Path.cwd()) if src.is_relative_to(Path.cwd()) else src.name
+            scores = f"Otsu floor and zero-shot: in the table of the study whose pretrain runs these are (out_dir `{src}`)."
+        else:
+            scores = (f"Otsu floor (pseudo-masks vs labels, test): **{floor}**. Zero-shot (pretrained U-Net, no labels): "
+                      f"**{_fmt(zs)}** (vs floor {_fmt(zs_gain, signed=True)}).")
         lines += [f"## {ds}", "",
                   f"Test images: {any_r['n_test']}; labeled train images: {any_r['n_labeled_train']}; pretraining "
-                  f"target: `{main}` pseudo-masks. Otsu floor (pseudo-masks vs labels, test): **{floor}**. "
-                  f"Zero-shot (pretrained U-Net, no labels): **{_fmt(zs)}** (vs floor {_fmt(zs_gain, signed=True)}).", ""]
+                  f"target: `{main}` pseudo-masks. {scores}", ""]
         arms = [a for a in ARMS if any(r["arm"] == a and r["target"] == main for r in ds_rows)]
         heads = [ARM_LABELS[a] for a in arms] + [f"Δ {ARM_LABELS[a]}" for a in arms if a != "scratch"]
         lines += ["| budget | labels | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(heads)]
@@ -690,7 +700,36 @@ def _header(study: Study, train: dict[str, Any], command: str, history: list[dic
     ]
 
 
+def compare(csv_a: str, csv_b: str, arm: str = "end_to_end") -> list[str]:
+    """Paired per-seed differences a - b of ``arm`` between two results.csv (same dataset, label count, seed), e.g.
+    the same arm pretrained on two targets in two studies. Rows that are not in both files are left out."""
+    def load(path: str) -> dict[tuple, tuple[str, float]]:
+        with open(path) as fh:
+            return {(r["dataset"], int(r["n_labels"]), int(r["seed"])): (r["target"], float(r["iou"]))
+                    for r in csv.DictReader(fh) if r["arm"] == arm}
+
+    a, b = load(csv_a), load(csv_b)
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    names: dict[tuple, tuple[str, str]] = {}
+    for key in sorted(a.keys() & b.keys()):
+        groups[key[:2]].append(a[key][1] - b[key][1])
+        names[key[:2]] = (a[key][0], b[key][0])
+    lines = [f"| dataset | labels | {arm}: target A − target B |", "|---|---:|---:|"]
+    for (ds, n), diffs in groups.items():
+        ta, tb = names[(ds, n)]
+        lines.append(f"| {ds} | {n} | `{ta}` − `{tb}`: {_fmt_diff(diffs)} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["compare"]:  # python benchmarks/label_efficiency.py compare A/results.csv B/results.csv [ARM]
+        if len(argv) not in (3, 4):
+            print("usage: label_efficiency.py compare A/results.csv B/results.csv [arm]", file=sys.stderr)
+            return 2
+        print("\n".join(compare(*argv[1:])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", help="study YAML (benchmarks/studies/cpu.yaml)")
     ap.add_argument("--datasets", nargs="+", help="only these dataset names")
@@ -701,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="write the CSV/table/plot from finished runs only")
     ap.add_argument("--dry-run", action="store_true", help="prep the stores and list the runs; train nothing")
     args = ap.parse_args(argv)
-    command = "python benchmarks/label_efficiency.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/label_efficiency.py " + shlex.join(argv)
     t0 = time.time()
 
     def log(msg: str) -> None:

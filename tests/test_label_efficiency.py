@@ -117,3 +117,18 @@ def test_stores_with_other_splits_are_refused(le, tmp_path):
     le.check_same_records({"otsu": str(a), "otsu_again": str(a)})
     with pytest.raises(MedsassError, match="differ in rows/splits"):
         le.check_same_records({"otsu": str(a), "li": str(b)})
+
+
+def test_compare_pairs_rows_by_dataset_labels_and_seed(le, tmp_path):
+    def write(path, target, ious):
+        rows = [{"dataset": "d", "target": target, "arm": "end_to_end", "n_labels": 2, "seed": s, "iou": v}
+                for s, v in enumerate(ious)] + [{"dataset": "d", "target": target, "arm": "scratch", "n_labels": 2,
+                                                 "seed": 0, "iou": 0.0}]
+        le.write_csv([{c: r.get(c, "") for c in le.CSV_COLUMNS} for r in rows], path)
+        return str(path)
+
+    a = write(tmp_path / "a.csv", "fov_otsu_hull", [0.6, 0.7, 0.8])
+    b = write(tmp_path / "b.csv", "otsu", [0.5, 0.6, 0.9])  # diffs +0.1, +0.1, -0.1: mean +0.033, not all one side
+    lines = le.compare(a, b)
+    assert lines[-1] == "| d | 2 | `fov_otsu_hull` − `otsu`: +0.033 ± 0.115 (2/3) |"
+    assert le.main(["compare", a]) == 2
