@@ -110,10 +110,15 @@ def _prepare_output(out: Path, cfg: BuildConfig, overwrite: bool) -> None:
         old = manifest.read_json(params_file)
         if old.get("params_digest") != cfg.params_digest():
             if not overwrite:
-                diff = _diff(old.get("params", {}), cfg.output_params())
+                old_params = old.get("params", {})
+                diff = _diff(old_params, cfg.output_params())
+                hint = ""
+                old_method = old_params.get("threshold", {}).get("method")
+                if old_method and old_method != cfg.threshold.method:  # e.g. a store made before the default changed
+                    hint = f"; to resume it as it was built, add --method {old_method}"
                 raise StoreError(
                     f"{out} was built with other parameters ({diff}); pass --overwrite to rebuild it, "
-                    "or choose a new --out"
+                    f"or choose a new --out{hint}"
                 )
             shutil.rmtree(out)
         elif overwrite:

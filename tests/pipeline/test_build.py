@@ -214,3 +214,14 @@ def test_missing_input_leaves_no_store_behind(tmp_path):
     res = CliRunner().invoke(main, ["build-masks", str(tmp_path / "typo"), "--out", str(out)])
     assert res.exit_code == 2 and "does not exist" in res.output and "typo" in res.output
     assert not out.exists()
+
+
+def test_store_built_with_another_method_names_the_flag_that_resumes_it(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "s.zarr"
+    write_blob_pngs(src, 3, size=32)
+    args = ["build-masks", str(src), "--out", str(out), "--size", "32", "--workers", "1", "--no-progress"]
+    assert CliRunner().invoke(main, [*args, "--method", "otsu"]).exit_code == 0
+    res = CliRunner().invoke(main, args)  # the default method is not otsu
+    assert res.exit_code == 2 and "threshold.method: 'otsu' -> 'fov_otsu_hull'" in res.output
+    assert "add --method otsu" in res.output
+    assert CliRunner().invoke(main, [*args, "--method", "otsu"]).exit_code == 0  # the hint works: resumes
