@@ -535,9 +535,13 @@ def _index(rows: list[dict[str, Any]]) -> dict[tuple, dict[int, float]]:
     return out
 
 
+def _paired(a: dict, b: dict) -> list[float]:
+    """Per-seed differences a - b over the seeds both have."""
+    return [a[k] - b[k] for k in sorted(a) if k in b]
+
+
 def _diffs(idx, ds: str, target: str, arm: str, n: int, main_target: str) -> list[float]:
-    a, s = idx.get((ds, target, arm, n), {}), idx.get((ds, main_target, "scratch", n), {})
-    return [a[k] - s[k] for k in sorted(a) if k in s]
+    return _paired(idx.get((ds, target, arm, n), {}), idx.get((ds, main_target, "scratch", n), {}))
 
 
 def markdown(rows: list[dict[str, Any]], study: Study, header: list[str]) -> str:
@@ -557,8 +561,9 @@ def markdown(rows: list[dict[str, Any]], study: Study, header: list[str]) -> str
         main = next(r["target"] for r in ds_rows if r["arm"] in ("otsu_floor", "scratch"))
         any_r = ds_rows[0]
         floor = _fmt(list(idx.get((ds, main, "otsu_floor", 0), {}).values()))
-        zs = list(idx.get((ds, main, "zero_shot", 0), {}).values())
-        zs_gain = [z - f for z, f in zip(zs, idx.get((ds, main, "otsu_floor", 0), {}).values())]
+        zs_by_seed = idx.get((ds, main, "zero_shot", 0), {})
+        zs = list(zs_by_seed.values())
+        zs_gain = _paired(zs_by_seed, idx.get((ds, main, "otsu_floor", 0), {}))
         if not zs and study.pretrain_from:  # the pretrain runs (floor, zero-shot) belong to another study
             src = Path(study.pretrain_from)
             src = src.relative_to(Path.cwd()) if src.is_relative_to(Path.cwd()) else src.name
@@ -601,11 +606,19 @@ def markdown(rows: list[dict[str, Any]], study: Study, header: list[str]) -> str
                 cells = []
                 for n in ns_m:
                     for a in arm_m:
-                        x, y = idx.get((ds, t, a, n), {}), idx.get((ds, main, a, n), {})
-                        cells.append(_fmt_diff([x[k] - y[k] for k in sorted(x) if k in y]))
+                        cells.append(_fmt_diff(_paired(idx.get((ds, t, a, n), {}), idx.get((ds, main, a, n), {}))))
                 lines.append(f"| `{t}` − `{main}` | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
+
+
+def _curve(ax, idx, key: tuple[str, str, str], min_points: int, **style) -> None:
+    """Mean ± std IoU over seeds against the label count for one (dataset, target, arm), if it has enough points."""
+    ns = sorted(n for (*k, n) in idx if tuple(k) == key)
+    if len(ns) < min_points:
+        return
+    st = [_stats(list(idx[(*key, n)].values())) for n in ns]
+    ax.errorbar(ns, [s[0] for s in st], yerr=[0 if math.isnan(s[1]) else s[1] for s in st], ms=4, capsize=3, **style)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -623,21 +636,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, ds in zip(axes.flat, datasets):
         main = next(r["target"] for r in rows if r["dataset"] == ds and r["arm"] in ("otsu_floor", "scratch"))
         for arm in ARMS:
-            ns = sorted(n for (d, t, a, n) in idx if (d, t, a) == (ds, main, arm))
-            if not ns:
-                continue
-            st = [_stats(list(idx[(ds, main, arm, n)].values())) for n in ns]
-            ax.errorbar(ns, [s[0] for s in st], yerr=[0 if math.isnan(s[1]) else s[1] for s in st], marker="o", ms=4,
-                        capsize=3, color=colors[arm], label=ARM_LABELS[arm])
+            _curve(ax, idx, (ds, main, arm), 1, color=colors[arm], marker="o", label=ARM_LABELS[arm])
         others = list(dict.fromkeys(t for (d, t, a, n) in idx if d == ds and t != main and a in ARMS))
         for t_i, t in enumerate(others):  # another pretraining target over >= 3 budgets (e.g. fov_otsu_hull): dashed
             for arm in ARMS[1:]:
-                ns = sorted(n for (d, tt, a, n) in idx if (d, tt, a) == (ds, t, arm))
-                if len(ns) < 3:
-                    continue
-                st = [_stats(list(idx[(ds, t, arm, n)].values())) for n in ns]
-                ax.errorbar(ns, [s[0] for s in st], yerr=[0 if math.isnan(s[1]) else s[1] for s in st], marker="s", ms=4,
-                            capsize=3, ls="--", color=colors[arm], alpha=0.8 - 0.2 * t_i, label=f"{ARM_LABELS[arm]} ({t})")
+                _curve(ax, idx, (ds, t, arm), 3, color=colors[arm], marker="s", ls="--", alpha=0.8 - 0.2 * t_i,
+                       label=f"{ARM_LABELS[arm]} ({t})")
         for arm, style, color in (("otsu_floor", "--", "black"), ("zero_shot", ":", "tab:purple")):
             vals = list(idx.get((ds, main, arm, 0), {}).values())
             if vals:

@@ -26,6 +26,7 @@ from medsass.errors import InputError, StoreError
 
 from . import plan as planmod
 from .config import BuildConfig
+from .discover import check_inputs_exist
 from .labels import LabelIndex
 from .parallel import dask_client, run_tasks
 from .plan import PlanEntry
@@ -58,9 +59,7 @@ def effective_shard_records(n_records: int, max_records: int) -> int:
 def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = False) -> BuildResult:
     out = Path(cfg.out)
     t0 = time.time()
-    for src in cfg.sources:  # before anything is created: a typo must not leave a half-made store behind
-        if not Path(src.path).expanduser().exists():
-            raise InputError(Path(src.path), "not_found", f"input path does not exist: {src.path}; check the spelling")
+    check_inputs_exist([s.path for s in cfg.sources])  # before anything is created: a typo leaves no half-made store
     _prepare_output(out, cfg, overwrite)
     work = store.work_dir(out)
     salt = _salt(cfg, work)

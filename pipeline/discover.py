@@ -112,6 +112,14 @@ def _candidate(path: str, root: Path, rel: str) -> Candidate:
     return Candidate(path=Path(path), root=root, rel=rel, format=fmt, size=size)
 
 
+def check_inputs_exist(inputs: Sequence[str | Path]) -> None:
+    """InputError ('not_found') naming the first input path that does not exist."""
+    for item in inputs:
+        p = Path(item).expanduser()
+        if not p.exists():
+            raise InputError(p, "not_found", f"input path does not exist: {p}; check the spelling")
+
+
 def discover(inputs: Sequence[str | Path], *, follow_symlinks: bool = False) -> list[Candidate]:
     """Files under ``inputs`` (files or folders, recursive), sorted by (root, rel), de-duplicated.
 
@@ -121,11 +129,10 @@ def discover(inputs: Sequence[str | Path], *, follow_symlinks: bool = False) -> 
     resolved path) keep the first occurrence in sorted order. A missing input raises InputError
     ('not_found').
     """
+    check_inputs_exist(inputs)
     found: list[tuple[str, str, str, bool, Path]] = []  # (root key, rel, path, is_linked, root)
     for item in inputs:
         p = Path(item).expanduser()
-        if not p.exists():
-            raise InputError(p, "not_found", f"input path does not exist: {p}; check the spelling")
         if p.is_dir():
             root = p.resolve()
             found.extend((str(root), rel, path, linked, root) for rel, path, linked in _walk(str(root), follow_symlinks))
