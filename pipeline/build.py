@@ -65,8 +65,11 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     salt = _salt(cfg, work)
     params = cfg.output_params()
     rt = cfg.runtime
+    phases: dict[str, float] = {}
     with dask_client(rt.workers, rt.scheduler, quiet=not rt.progress) as client:
+        phases["cluster"] = time.time() - t0
         entries = _plan(cfg, out, salt, client, retry_failed)
+        phases["plan"] = time.time() - t0 - phases["cluster"]
         group, info = _arrays(out, cfg, entries)
         todo = _shards_to_do(out, info, entries, retry_failed, client, cfg, salt)
         if retry_failed:
@@ -87,8 +90,12 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
             task_wall += res["wall_s"]
             task_cpu += res["cpu_s"]
         t2 = time.time()
+    phases["shards"], phases["cluster_close"] = t2 - t1, time.time() - t2
+    t3 = time.time()
     result = assemble(out, cfg, entries, info)
+    phases["assemble"] = time.time() - t3
     _log_run(work, {"started": t0, "seconds": round(time.time() - t0, 3), "shard_seconds": round(t2 - t1, 3),
+                    "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
                     "task_wall_seconds": round(task_wall, 3), "task_cpu_seconds": round(task_cpu, 3),
                     "shards_run": len(todo), "records_run": sum(c[3] - c[2] for c in calls), "counts": result.counts})
     result.shards_done, result.shards_total = len(todo), info.n_shards

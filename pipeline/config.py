@@ -59,7 +59,7 @@ class ThresholdConfig:
     intensity: Literal["percentile", "minmax"] = "percentile"  # how non-8-bit images map to uint8
 
     def __post_init__(self) -> None:
-        from .threshold import METHODS
+        from .methods import METHODS
 
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not a method prep knows; choose one of {', '.join(METHODS)}")

@@ -30,11 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters
 
-PLAIN_METHODS = ("otsu", "multiotsu", "li", "yen", "triangle")
-# Region-aware (issue 6): find the field of view first, then threshold inside it; see field_of_view().
-REGION_METHODS = ("fov_otsu", "fov_otsu_clean", "fov_otsu_hull", "fov_multiotsu_hull")
-METHODS = PLAIN_METHODS + REGION_METHODS
-POLARITIES = ("auto", "bright", "dark")
+from .methods import METHODS, PLAIN_METHODS, POLARITIES, REGION_METHODS  # noqa: F401 (re-exported)
 
 FG_LOW = 0.005  # flag "fg_low" below this foreground fraction
 FG_HIGH = 0.995  # flag "fg_high" above it

@@ -36,8 +36,11 @@ def settings() -> dict[str, str]:
 
 def make_cluster(s: dict[str, str]):
     from dask_jobqueue import SLURMCluster
+    from medsass.pipeline.parallel import WORKER_MALLOC_ENV
 
     cores = int(s["PREP_CORES"])
+    # the local cluster's worker settings (medsass.pipeline.parallel): glibc keeps freed image buffers, no profiler
+    env = {**WORKER_MALLOC_ENV, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
     return SLURMCluster(
         cores=cores,
         processes=cores,  # one thread per worker process: decoding and thresholding hold the GIL
@@ -50,6 +53,7 @@ def make_cluster(s: dict[str, str]):
         log_directory=s["PREP_LOG_DIR"] or None,
         python=sys.executable,  # this venv's interpreter on the worker nodes
         job_name="medsass-prep-worker",
+        job_script_prologue=[f"export {k}={v}" for k, v in env.items()],
     )
 
 

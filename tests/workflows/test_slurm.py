@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from medsass.pipeline.parallel import WORKER_MALLOC_ENV
 
 from medsass.manifest import read_manifest
 from medsass.store import open_store
@@ -98,9 +99,12 @@ def store(slurm, env, work, ph2_dataset, workflows):
     return work / "srun.zarr"
 
 
-def test_prep_in_one_allocation_with_srun_workers(store):
+def test_prep_in_one_allocation_with_srun_workers(store, workflows):
     manifest = read_manifest(store)
     assert (manifest["status"] == "ok").sum() == 8 and manifest["has_label"].all()
+    script = (workflows / "prep_srun.sbatch").read_text()
+    for k, v in WORKER_MALLOC_ENV.items():  # the srun workers get the local cluster's malloc settings
+        assert f"{k}=${{{k}:-{v}}}" in script
 
 
 def test_prep_with_dask_jobqueue_slurmcluster_gives_the_same_store(store, env, work, ph2_dataset, workflows):
@@ -111,6 +115,8 @@ def test_prep_with_dask_jobqueue_slurmcluster_gives_the_same_store(store, env, w
                           "--no-progress", "--salt", SALT], env={**env, **settings}, cwd=work, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "#SBATCH --cpus-per-task=1" in res.stderr and "--scheduler tcp://" in res.stderr
+    for k, v in WORKER_MALLOC_ENV.items():  # the worker jobs get the local cluster's malloc settings
+        assert f"export {k}={v}" in res.stderr
     assert list(logs.glob("medsass-prep-worker-*.out")), "no worker job ran"  # the workers were SLURM jobs
     a, b = read_manifest(store), read_manifest(work / "jq.zarr")
     assert list(a["sample_id"]) == list(b["sample_id"]) and list(a["split"]) == list(b["split"])

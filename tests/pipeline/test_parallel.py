@@ -1,0 +1,19 @@
+"""The local Dask cluster prep runs on: worker settings measured to matter (pipeline/parallel.py)."""
+from __future__ import annotations
+
+import os
+
+import dask
+from medsass.pipeline.parallel import WORKER_MALLOC_ENV, dask_client, run_tasks
+
+
+def _worker_settings() -> tuple[dict, bool]:
+    return {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}, bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
+def test_local_workers_get_the_malloc_env_and_no_profiler():
+    with dask_client(1, quiet=True) as client:
+        (env, profiling), = client.run(_worker_settings).values()
+        results = dict(run_tasks(client, pow, [(2, 3), (3, 2)], desc="t", progress=False))
+    assert env == WORKER_MALLOC_ENV and profiling is False
+    assert results == {0: 8, 1: 9}
