@@ -125,10 +125,11 @@ def open_store(path: str | Path, mode: str = "r") -> tuple[zarr.Group, StoreInfo
 def write_rows(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
     """Write whole-shard blocks ``arrays[name]`` (n, S, S) at rows ``start:start+n``.
 
-    The inner chunks of a shard are encoded as one batch (zarr's default encodes them one by one,
-    which costs ~2x in Python overhead on single-threaded workers)."""
+    The inner chunks of a shard are encoded as one batch, concurrently (zarr's defaults encode them one
+    by one: ~1.8 ms per image and mask pair in Python overhead, against ~1.0 ms this way and ~0.25 ms for
+    zstd itself)."""
     n = max(block.shape[0] for block in arrays.values())
-    with zarr.config.set({"codec_pipeline.batch_size": max(1, n), "async.concurrency": 1}):
+    with zarr.config.set({"codec_pipeline.batch_size": max(1, n), "async.concurrency": 64}):
         for name, block in arrays.items():
             group[name][start : start + block.shape[0]] = block
 
