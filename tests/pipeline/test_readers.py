@@ -652,3 +652,31 @@ def test_real_image_mask_shapes_agree():
         masks = sorted((DATA / folder / "masks").iterdir())[:3]
         for image, mask in zip(images, masks):
             assert probe(image, sniff(image)).shape == probe(mask, sniff(mask)).shape
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_plain_gray_png_fast_path_gives_pillows_array(tmp_path, dtype):
+    import imagecodecs
+
+    from medsass.pipeline.readers import pillow
+
+    rng = np.random.default_rng(0)
+    a = (rng.random((37, 53)) * np.iinfo(dtype).max).astype(dtype)
+    for i, data in enumerate([imagecodecs.png_encode(a), _pil_png(a)]):
+        path = tmp_path / f"g{i}.png"
+        path.write_bytes(data)
+        with Image.open(path) as im:
+            assert pillow._plain_gray_png(im, data) is not None  # the libpng path is taken
+        fast = read(path, "png", [0], max_pixels=10**8, data=data)[0]
+        slow = read(path, "png", [0], max_pixels=10**8)[0]  # no bytes given: Pillow decodes
+        assert fast.pixels.dtype == slow.pixels.dtype == dtype
+        assert np.array_equal(fast.pixels, a) and np.array_equal(slow.pixels, a)
+        assert fast.meta == slow.meta
+
+
+def _pil_png(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
