@@ -31,6 +31,22 @@ LOCAL_WORKER_CONFIG = {
 }
 
 
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block. Dask's nanny prefers a variable already in the environment
+    over its config, and every Dask cluster started in this process leaves MALLOC_TRIM_THRESHOLD_=65536 there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -47,7 +63,7 @@ def dask_client(workers: int = 0, scheduler: str | None = None, *, quiet: bool =
         client = Client(scheduler, timeout="60s")
         cluster = None
     else:
-        with dask.config.set(LOCAL_WORKER_CONFIG):  # read when the worker processes start
+        with dask.config.set(LOCAL_WORKER_CONFIG), _environ(WORKER_MALLOC_ENV):  # read when the workers start
             cluster = LocalCluster(
                 n_workers=workers or default_workers(),
                 threads_per_worker=1,
@@ -65,6 +81,16 @@ def dask_client(workers: int = 0, scheduler: str | None = None, *, quiet: bool =
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def on_each_worker(client: Any, fn: Callable[[], Any]) -> list[Any]:
+    """Start ``fn()`` once on every worker connected now, without waiting (e.g. to import ahead of the real
+    work). Returns the futures: the tasks run only while the caller holds them."""
+    import uuid
+
+    token = uuid.uuid4().hex[:8]
+    workers = list(client.scheduler_info()["workers"])
+    return [client.submit(fn, key=f"medsass-warm-{token}-{i}", workers=[w], pure=False) for i, w in enumerate(workers)]
 
 
 def run_tasks(

@@ -11,9 +11,11 @@ def _worker_settings() -> tuple[dict, bool]:
     return {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}, bool(dask.config.get("distributed.worker.profile.enabled"))
 
 
-def test_local_workers_get_the_malloc_env_and_no_profiler():
+def test_local_workers_get_the_malloc_env_and_no_profiler(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # left behind by any earlier Dask cluster in this process
     with dask_client(1, quiet=True) as client:
         (env, profiling), = client.run(_worker_settings).values()
         results = dict(run_tasks(client, pow, [(2, 3), (3, 2)], desc="t", progress=False))
     assert env == WORKER_MALLOC_ENV and profiling is False
     assert results == {0: 8, 1: 9}
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is left as it was
