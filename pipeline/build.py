@@ -8,12 +8,10 @@ produces the same store as an uninterrupted run. Existing output is never wiped 
 """
 from __future__ import annotations
 
-import importlib
 import json
 import secrets
 import shutil
 import sys
-import threading
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from . import plan as planmod
 from .config import BuildConfig
 from .discover import check_inputs_exist
 from .labels import LabelIndex
-from .parallel import dask_client, on_each_worker, run_tasks
+from .parallel import dask_client, run_tasks
 from .plan import PlanEntry
 from .splits import GroupKeys, assign_splits
 
@@ -61,8 +59,6 @@ def effective_shard_records(n_records: int, max_records: int) -> int:
 def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = False) -> BuildResult:
     out = Path(cfg.out)
     t0 = time.time()
-    # pandas (pyarrow's conversions and the summary need it) loads while the cluster starts, not after
-    threading.Thread(target=importlib.import_module, args=("pandas",), daemon=True).start()
     check_inputs_exist([s.path for s in cfg.sources])  # before anything is created: a typo leaves no half-made store
     _prepare_output(out, cfg, overwrite)
     work = store.work_dir(out)
@@ -72,7 +68,6 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     phases: dict[str, float] = {}
     with dask_client(rt.workers, rt.scheduler, quiet=not rt.progress) as client:
         phases["cluster"] = time.time() - t0
-        warming = on_each_worker(client, warm_imports)  # the workers load the shard code while this process plans
         entries = _plan(cfg, out, salt, client, retry_failed)
         phases["plan"] = time.time() - t0 - phases["cluster"]
         group, info = _arrays(out, cfg, entries)
@@ -95,7 +90,6 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
             task_wall += res["wall_s"]
             task_cpu += res["cpu_s"]
         t2 = time.time()
-        del warming
     phases["shards"], phases["cluster_close"] = t2 - t1, time.time() - t2
     t3 = time.time()
     result = assemble(out, cfg, entries, info)
@@ -353,12 +347,6 @@ def _pair_and_split_more(cfg, entries, fixed, salt) -> None:
         e.group = keys.key(e.sample_base, e.dicom_group or None)
         e.dicom_group = ""
         e.split = known.get(e.group, "train")  # a group already split keeps its split; new groups train
-
-
-def warm_imports() -> None:
-    """Import what :func:`build_shard` needs (~0.7 s per worker process), ahead of the first shard."""
-    for name in ("medsass.pipeline.process", "medsass.pipeline.threshold", "medsass.pipeline.readers"):
-        importlib.import_module(name)
 
 
 def build_shard(out: str, shard: int, start: int, stop: int, entries: list[PlanEntry], params: dict, strict: bool) -> dict:

@@ -83,16 +83,6 @@ def dask_client(workers: int = 0, scheduler: str | None = None, *, quiet: bool =
             cluster.close()
 
 
-def on_each_worker(client: Any, fn: Callable[[], Any]) -> list[Any]:
-    """Start ``fn()`` once on every worker connected now, without waiting (e.g. to import ahead of the real
-    work). Returns the futures: the tasks run only while the caller holds them."""
-    import uuid
-
-    token = uuid.uuid4().hex[:8]
-    workers = list(client.scheduler_info()["workers"])
-    return [client.submit(fn, key=f"medsass-warm-{token}-{i}", workers=[w], pure=False) for i, w in enumerate(workers)]
-
-
 def run_tasks(
     client: Any,
     fn: Callable[..., Any],
