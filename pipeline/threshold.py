@@ -342,7 +342,19 @@ def _convex_hull(x: np.ndarray) -> np.ndarray:
 
 
 def _envelope(y: np.ndarray, x: np.ndarray, *, lower: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices of the convex envelope of points (y, x) sorted by y: lower = the left-hand boundary."""
+    """Vertices of the convex envelope of points (y, x) sorted by y: lower = the left-hand boundary.
+
+    Only points strictly left (lower) or right (upper) of every point above them, or of every point below
+    them, can be vertices; the rest are dropped before the monotone-chain loop (a few points remain of a
+    few hundred, the same vertices come out)."""
+    y, x = np.asarray(y), np.asarray(x)
+    if y.size > 3:
+        v = x if lower else -x
+        inf = np.array([np.iinfo(np.int64).max])
+        above = np.concatenate([inf, np.minimum.accumulate(v[:-1])])
+        below = np.concatenate([np.minimum.accumulate(v[::-1][:-1])[::-1], inf])
+        keep = (v < above) | (v < below)
+        y, x = y[keep], x[keep]
     hy: list[int] = []
     hx: list[int] = []
     for yi, xi in zip(y.tolist(), x.tolist()):

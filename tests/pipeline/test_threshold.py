@@ -320,3 +320,33 @@ def test_region_method_threshold_is_computed_inside_the_field_of_view():
     region = field_of_view(g)
     assert r.threshold == float(filters.threshold_otsu(g[region]))
     np.testing.assert_array_equal(r.mask, (g <= r.threshold) & region)
+
+
+def _chain(y, x, lower):
+    """Plain monotone chain over every point (the reference for threshold._envelope)."""
+    hy, hx = [], []
+    for yi, xi in zip(y.tolist(), x.tolist()):
+        while len(hy) >= 2:
+            cross = (hy[-1] - hy[-2]) * (xi - hx[-2]) - (hx[-1] - hx[-2]) * (yi - hy[-2])
+            if (cross <= 0) if lower else (cross >= 0):
+                hy.pop()
+                hx.pop()
+            else:
+                break
+        hy.append(yi)
+        hx.append(xi)
+    return hy, hx
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_envelope_drops_only_points_that_cannot_be_vertices(lower):
+    from medsass.pipeline.threshold import _envelope
+
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 4, 5, 17, 128]:
+        for _ in range(200):
+            y = np.sort(rng.choice(400, size=n, replace=False))
+            x = rng.integers(0, rng.integers(1, 60), size=n)  # many ties and collinear runs
+            hy, hx = _envelope(y, x, lower=lower)
+            ry, rx = _chain(y, x, lower)
+            assert hy.tolist() == ry and hx.tolist() == rx
