@@ -1,7 +1,7 @@
 """``build-masks``: plan the inputs, process whole shards in parallel, assemble the manifest.
 
 Resumable by construction: the plan fixes every input's rows before any pixel is decoded; a shard
-counts as done once its manifest part ``_medsass/parts/shard-NNNNNN.parquet`` exists, and that part is
+counts as done once its manifest part ``_medsass/parts/shard-NNNNNN.jsonl`` exists, and that part is
 written only after the shard's arrays. A re-run (also after ``kill -9``) skips finished shards and
 produces the same store as an uninterrupted run. Existing output is never wiped without
 ``--overwrite``, and a store built with other parameters is never silently mixed.
@@ -210,12 +210,8 @@ def _check_unchanged(out: Path, entries: list[PlanEntry], discovered: list[PlanE
 
 
 def _failed_sources(out: Path) -> set[str]:
-    parts = sorted((store.work_dir(out) / "parts").glob("shard-*.parquet"))
-    found: set[str] = set()
-    for p in parts:
-        t = pq.read_table(p, columns=["source", "status"]).to_pydict()
-        found |= {s for s, st in zip(t["source"], t["status"]) if st == "failed"}
-    return found
+    parts = sorted((store.work_dir(out) / "parts").glob(f"shard-*{PART_SUFFIX}"))
+    return {r["source"] for p in parts for r in manifest.read_rows_jsonl(p) if r["status"] == "failed"}
 
 
 def _discover(cfg: BuildConfig, out: Path) -> list[PlanEntry]:
@@ -283,8 +279,11 @@ def _arrays(out: Path, cfg: BuildConfig, entries: list[PlanEntry]):
     return store.open_store(out, mode="r+")
 
 
+PART_SUFFIX = ".jsonl"
+
+
 def part_path(out: Path, shard: int) -> Path:
-    return store.work_dir(out) / "parts" / f"shard-{shard:06d}.parquet"
+    return store.work_dir(out) / "parts" / f"shard-{shard:06d}{PART_SUFFIX}"
 
 
 def _shards_to_do(out, info, entries, retry_failed, client, cfg, salt) -> list[int]:
@@ -294,8 +293,7 @@ def _shards_to_do(out, info, entries, retry_failed, client, cfg, salt) -> list[i
         return todo
     redo = set(todo)
     for s in done:
-        t = pq.read_table(part_path(out, s), columns=["status"])
-        if "failed" in t.column("status").to_pylist():
+        if any(r["status"] == "failed" for r in manifest.read_rows_jsonl(part_path(out, s))):
             redo.add(s)
     redo |= _retry_plan_failures(out, info, entries, client, cfg, salt)
     for s in redo:
@@ -373,7 +371,7 @@ def build_shard(out: str, shard: int, start: int, stop: int, entries: list[PlanE
     if not blocks[store.LABEL].any():  # no real masks in this shard: the array's fill value (0) already says so
         del blocks[store.LABEL]
     store.write_rows(group, start, blocks)
-    manifest.write_table(manifest.rows_to_table(rows), part_path(Path(out), shard))
+    manifest.write_rows_jsonl(rows, part_path(Path(out), shard))
     return {"ok": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
             "wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu}
 
@@ -390,15 +388,12 @@ def _plan_row(e: PlanEntry) -> dict:
 
 
 def assemble(out: Path, cfg: BuildConfig, entries: list[PlanEntry], info) -> BuildResult:
-    parts = []
+    by_source: dict[str, list[dict]] = {}
     for s in range(info.n_shards):
         p = part_path(out, s)
         if not p.exists():
             raise StoreError(f"shard {s} of {out} is not finished; re-run the same command to finish it")
-        parts.append(pq.read_table(p))
-    by_source: dict[str, list[dict]] = {}
-    if parts:
-        for r in pa.concat_tables(parts).to_pylist():
+        for r in manifest.read_rows_jsonl(p):
             by_source.setdefault(r["source"], []).append(r)
     rows = []
     for e in entries:

@@ -439,9 +439,33 @@ def _clean(mask: np.ndarray, region: np.ndarray, hull: bool) -> np.ndarray:
         return _upsample(kept, step, mask.shape) & mask
     labels, count = ndi.label(kept)
     hulls = np.zeros(m.shape, bool)
-    for i, box in enumerate(ndi.find_objects(labels), start=1):
-        hulls[box] |= _convex_hull(labels[box] == i)
+    boxes = ndi.find_objects(labels)
+    flat = np.zeros(count + 1, bool)  # objects of one or two rows: their hull is each row's span
+    for i, box in enumerate(boxes, start=1):
+        if box[0].stop - box[0].start <= 2:
+            flat[i] = True
+        else:
+            hulls[box] |= _convex_hull(labels[box] == i)
+    if flat.any():
+        hulls |= _row_spans(labels, flat)
     return _upsample(hulls, step, mask.shape) & region
+
+
+def _row_spans(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Bool mask: in every row, from the leftmost to the rightmost pixel of each object ``which[label]``."""
+    ys, xs = np.nonzero(np.take(which, labels))
+    out = np.zeros(labels.shape, bool)
+    if ys.size == 0:
+        return out
+    key = labels[ys, xs].astype(np.int64) * labels.shape[0] + ys
+    order = np.argsort(key, kind="stable")  # row-major order kept within a key: x ascending
+    key, xs, ys = key[order], xs[order], ys[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    last = np.r_[first[1:] - 1, key.size - 1]
+    diff = np.zeros((labels.shape[0], labels.shape[1] + 1), np.int32)
+    np.add.at(diff, (ys[first], xs[first]), 1)
+    np.add.at(diff, (ys[first], xs[last] + 1), -1)
+    return np.cumsum(diff[:, :-1], axis=1) > 0
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -450,10 +474,10 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     if n == 0:
         return mask.copy()
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    hole = np.ones(n + 1, bool)
-    hole[border] = False
-    hole[0] = False
-    return mask | hole[labels]
+    fill = np.ones(n + 1, bool)  # by label: holes and (label 0) the mask itself
+    fill[border] = False
+    fill[0] = True
+    return np.take(fill, labels)
 
 
 def _largest(x: np.ndarray) -> np.ndarray:
@@ -468,4 +492,6 @@ def _largest(x: np.ndarray) -> np.ndarray:
 def _upsample(small: np.ndarray, step: int, shape: tuple[int, ...]) -> np.ndarray:
     if step == 1:
         return small
-    return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: shape[0], : shape[1]]
+    h, w = small.shape
+    big = np.broadcast_to(small[:, None, :, None], (h, step, w, step)).reshape(h * step, w * step)
+    return big[: shape[0], : shape[1]]

@@ -28,13 +28,13 @@ def test_kill_minus_9_then_resume_gives_identical_store(tmp_path):
     parts = killed / "_medsass" / "parts"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if parts.exists() and len(list(parts.glob("*.parquet"))) >= 3:
+        if parts.exists() and len(list(parts.glob("*.jsonl"))) >= 3:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the build finished before it could be killed; make the input larger"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_done = len(list(parts.glob("*.parquet")))
+    n_done = len(list(parts.glob("*.jsonl")))
     assert 3 <= n_done < 10 and not (killed / "manifest.parquet").exists()
 
     resumed = subprocess.run(_cmd(src, killed) + ["--labels", str(tmp_path / "masks")], capture_output=True, text=True)
