@@ -64,7 +64,7 @@ def _split_spec(text: str) -> dict[str, float]:
 @click.option("--overwrite", is_flag=True, help="Rebuild an existing store from scratch.")
 @click.option("--retry-failed", is_flag=True, help="Retry only the inputs that failed before.")
 @click.option("--strict", is_flag=True, help="Stop at the first failed input.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress bars, and no dashboard for the local Dask cluster (batch jobs).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any dataset-file key, e.g. geometry.size=128.")
 def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, size, resize, tile, tile_overlap, method,
                 polarity, intensity, split_spec, seed, group_by, groups_csv, split_unlabeled, workers, scheduler,

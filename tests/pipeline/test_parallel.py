@@ -19,3 +19,23 @@ def test_local_workers_get_the_malloc_env_and_no_profiler(monkeypatch):
     assert env == WORKER_MALLOC_ENV and profiling is False
     assert results == {0: 8, 1: 9}
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is left as it was
+
+
+def test_dashboard_only_when_someone_is_told_where(capsys):
+    with dask_client(1, quiet=False) as client:
+        assert _status(client.dashboard_link) == 200
+    assert "dashboard http" in capsys.readouterr().err
+    with dask_client(1, quiet=True) as client:
+        status = _status(client.dashboard_link)  # the scheduler's HTTP server is there, the dashboard is not
+    assert status == 404 and capsys.readouterr().err == ""
+
+
+def _status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
