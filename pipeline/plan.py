@@ -128,7 +128,7 @@ def common_parent(paths: Sequence[str]) -> str:
 
 
 def to_table(entries: Sequence[PlanEntry]) -> pa.Table:
-    """Column by column (``dataclasses.asdict`` per entry took ~0.25 ms each: 0.5 s per 2000 inputs)."""
+    """Column by column (``dataclasses.asdict`` per entry and ``from_pylist``: 0.17 s per 2000 inputs, this 18 ms)."""
     import json
 
     names = list(PlanEntry.__dataclass_fields__)

@@ -345,7 +345,7 @@ def _envelope(y: np.ndarray, x: np.ndarray, *, lower: bool) -> tuple[np.ndarray,
     """Vertices of the convex envelope of points (y, x) sorted by y: lower = the left-hand boundary.
 
     Only points strictly left (lower) or right (upper) of every point above them, or of every point below
-    them, can be vertices; the rest are dropped before the monotone-chain loop (a few points remain of a
+    them, can be vertices; the rest are dropped before :func:`_monotone_chain` (a few points remain of a
     few hundred, the same vertices come out)."""
     y, x = np.asarray(y), np.asarray(x)
     if y.size > 3:
@@ -355,9 +355,14 @@ def _envelope(y: np.ndarray, x: np.ndarray, *, lower: bool) -> tuple[np.ndarray,
         below = np.concatenate([np.minimum.accumulate(v[::-1][:-1])[::-1], inf])
         keep = (v < above) | (v < below)
         y, x = y[keep], x[keep]
+    return _monotone_chain(y, x, lower=lower)
+
+
+def _monotone_chain(y: np.ndarray, x: np.ndarray, *, lower: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Andrew's monotone chain over every point (y, x), sorted by y; collinear points are dropped."""
     hy: list[int] = []
     hx: list[int] = []
-    for yi, xi in zip(y.tolist(), x.tolist()):
+    for yi, xi in zip(np.asarray(y).tolist(), np.asarray(x).tolist()):
         while len(hy) >= 2:
             cross = (hy[-1] - hy[-2]) * (xi - hx[-2]) - (hx[-1] - hx[-2]) * (yi - hy[-2])
             if (cross <= 0) if lower else (cross >= 0):
@@ -439,33 +444,9 @@ def _clean(mask: np.ndarray, region: np.ndarray, hull: bool) -> np.ndarray:
         return _upsample(kept, step, mask.shape) & mask
     labels, count = ndi.label(kept)
     hulls = np.zeros(m.shape, bool)
-    boxes = ndi.find_objects(labels)
-    flat = np.zeros(count + 1, bool)  # objects of one or two rows: their hull is each row's span
-    for i, box in enumerate(boxes, start=1):
-        if box[0].stop - box[0].start <= 2:
-            flat[i] = True
-        else:
-            hulls[box] |= _convex_hull(labels[box] == i)
-    if flat.any():
-        hulls |= _row_spans(labels, flat)
+    for i, box in enumerate(ndi.find_objects(labels), start=1):
+        hulls[box] |= _convex_hull(labels[box] == i)
     return _upsample(hulls, step, mask.shape) & region
-
-
-def _row_spans(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """Bool mask: in every row, from the leftmost to the rightmost pixel of each object ``which[label]``."""
-    ys, xs = np.nonzero(np.take(which, labels))
-    out = np.zeros(labels.shape, bool)
-    if ys.size == 0:
-        return out
-    key = labels[ys, xs].astype(np.int64) * labels.shape[0] + ys
-    order = np.argsort(key, kind="stable")  # row-major order kept within a key: x ascending
-    key, xs, ys = key[order], xs[order], ys[order]
-    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    last = np.r_[first[1:] - 1, key.size - 1]
-    diff = np.zeros((labels.shape[0], labels.shape[1] + 1), np.int32)
-    np.add.at(diff, (ys[first], xs[first]), 1)
-    np.add.at(diff, (ys[first], xs[last] + 1), -1)
-    return np.cumsum(diff[:, :-1], axis=1) > 0
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -474,10 +455,10 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     if n == 0:
         return mask.copy()
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    fill = np.ones(n + 1, bool)  # by label: holes and (label 0) the mask itself
-    fill[border] = False
-    fill[0] = True
-    return np.take(fill, labels)
+    hole = np.ones(n + 1, bool)
+    hole[border] = False
+    hole[0] = False
+    return mask | hole[labels]
 
 
 def _largest(x: np.ndarray) -> np.ndarray:
@@ -492,6 +473,4 @@ def _largest(x: np.ndarray) -> np.ndarray:
 def _upsample(small: np.ndarray, step: int, shape: tuple[int, ...]) -> np.ndarray:
     if step == 1:
         return small
-    h, w = small.shape
-    big = np.broadcast_to(small[:, None, :, None], (h, step, w, step)).reshape(h * step, w * step)
-    return big[: shape[0], : shape[1]]
+    return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: shape[0], : shape[1]]

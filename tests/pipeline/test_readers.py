@@ -657,7 +657,6 @@ def test_real_image_mask_shapes_agree():
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_plain_gray_png_fast_path_gives_pillows_array(tmp_path, dtype):
     import imagecodecs
-
     from medsass.pipeline.readers import pillow
 
     rng = np.random.default_rng(0)

@@ -322,25 +322,9 @@ def test_region_method_threshold_is_computed_inside_the_field_of_view():
     np.testing.assert_array_equal(r.mask, (g <= r.threshold) & region)
 
 
-def _chain(y, x, lower):
-    """Plain monotone chain over every point (the reference for threshold._envelope)."""
-    hy, hx = [], []
-    for yi, xi in zip(y.tolist(), x.tolist()):
-        while len(hy) >= 2:
-            cross = (hy[-1] - hy[-2]) * (xi - hx[-2]) - (hx[-1] - hx[-2]) * (yi - hy[-2])
-            if (cross <= 0) if lower else (cross >= 0):
-                hy.pop()
-                hx.pop()
-            else:
-                break
-        hy.append(yi)
-        hx.append(xi)
-    return hy, hx
-
-
 @pytest.mark.parametrize("lower", [True, False])
 def test_envelope_drops_only_points_that_cannot_be_vertices(lower):
-    from medsass.pipeline.threshold import _envelope
+    from medsass.pipeline.threshold import _envelope, _monotone_chain
 
     rng = np.random.default_rng(0)
     for n in [1, 2, 3, 4, 5, 17, 128]:
@@ -348,5 +332,5 @@ def test_envelope_drops_only_points_that_cannot_be_vertices(lower):
             y = np.sort(rng.choice(400, size=n, replace=False))
             x = rng.integers(0, rng.integers(1, 60), size=n)  # many ties and collinear runs
             hy, hx = _envelope(y, x, lower=lower)
-            ry, rx = _chain(y, x, lower)
-            assert hy.tolist() == ry and hx.tolist() == rx
+            ry, rx = _monotone_chain(y, x, lower=lower)  # the chain over every point
+            assert hy.tolist() == ry.tolist() and hx.tolist() == rx.tolist()
