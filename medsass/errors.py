@@ -40,3 +40,52 @@ class MissingPluginError(InputError):
 
     def __init__(self, path: str | Path, reason: str):
         super().__init__(path, "missing_plugin", reason)
+
+
+class DiskFullError(MedsassError):
+    """The disk an output goes to has no room left. Nothing already written is lost; free space and re-run."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the disk that holds ``path`` (or its nearest existing parent); None if unknown."""
+    import shutil
+
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def disk_full(exc: BaseException, path: str | Path, what: str) -> DiskFullError | None:
+    """A clear error if ``exc`` (or an exception it was raised from) is ENOSPC / EDQUOT, else None.
+
+    Libraries wrap the OSError (torch.save raises ``RuntimeError: ... unexpected pos``), so the chain is walked.
+    """
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = _free_bytes(Path(path))
+            free_text = "free space unknown" if free is None else f"{free / 2**20:,.0f} MiB free"
+            return DiskFullError(
+                f"no space left on the disk holding {path} while writing {what} ({free_text}); "
+                "free space there (or write to another disk) and re-run the same command: it resumes from what was saved"
+            )
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_free_space(path: str | Path, need_bytes: int, what: str) -> None:
+    """Raise DiskFullError before writing ``need_bytes`` to ``path`` if the disk cannot hold them."""
+    free = _free_bytes(Path(path))
+    if free is not None and free < need_bytes:
+        raise DiskFullError(
+            f"not enough space on the disk holding {path} to write {what}: it needs about {need_bytes / 2**20:,.0f} MiB "
+            f"and {free / 2**20:,.0f} MiB are free; free space there (or write to another disk) and re-run the same "
+            "command: it resumes from what was saved"
+        )

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsass import __version__, manifest, store
-from medsass.errors import InputError, StoreError
+from medsass.errors import InputError, StoreError, disk_full
 
 from . import plan as planmod
 from .config import BuildConfig
@@ -370,8 +370,14 @@ def build_shard(out: str, shard: int, start: int, stop: int, entries: list[PlanE
             rows.append(meta)
     if not blocks[store.LABEL].any():  # no real masks in this shard: the array's fill value (0) already says so
         del blocks[store.LABEL]
-    store.write_rows(group, start, blocks)
-    manifest.write_rows_jsonl(rows, part_path(Path(out), shard))
+    try:
+        store.write_rows(group, start, blocks)
+        manifest.write_rows_jsonl(rows, part_path(Path(out), shard))
+    except Exception as exc:
+        full = disk_full(exc, out, f"shard {shard}")
+        if full is not None:
+            raise full from exc
+        raise
     return {"ok": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
             "wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu}
 

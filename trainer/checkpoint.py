@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import medsass
-from medsass.errors import ConfigError, StoreError
+from medsass.errors import ConfigError, StoreError, check_free_space, disk_full
 from medsass.manifest import manifest_digest
 
 FORMAT = 1
@@ -40,6 +40,8 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` so a reader (or a resume after ``kill -9``) sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    what = f"checkpoint {path.name}"
+    check_free_space(path.parent, _tensor_bytes(payload) + 2**20, what)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -47,9 +49,23 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full(exc, path, what)
+        if full is not None:
+            raise full from exc
         raise
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested payload (what dominates a checkpoint file's size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load(path: str | Path) -> dict[str, Any]:
