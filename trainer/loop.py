@@ -316,4 +316,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         checkpoint("final", state)
         write_json({"stage": stage, "section": stage_section(config, stage), "metrics": summary, "init": mode,
                     "source": str(plan.source) if plan.source else None, "source_id": ck.file_id(plan.source)}, plan.dir / "done")
+        # A finished stage is never resumed, so its resume point (weights + optimiser state, about 3x the model)
+        # goes, as nnU-Net drops checkpoint_latest. Killed before this line, a re-run sees "done" and skips.
+        (plan.dir / "last.pt").unlink(missing_ok=True)
     return summary

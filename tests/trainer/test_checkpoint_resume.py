@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,24 @@ def tiny(out, store, **sections):
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return load_config(cfg)
+
+
+def run_killed_before_done(monkeypatch, cfg) -> None:
+    """Run pretrain, stopped as a kill would stop it between its last checkpoints and its ``done`` marker."""
+    from medsass import manifest
+
+    real = manifest.write_json
+
+    def write_json(obj, path, *args, **kwargs):
+        if Path(path).name == "done":
+            raise KeyboardInterrupt
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(manifest, "write_json", write_json)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(cfg, ["pretrain"])
+    monkeypatch.setattr(manifest, "write_json", real)
+    assert (Path(cfg.out_dir) / "pretrain" / "last.pt").exists()
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
@@ -116,15 +135,14 @@ def test_finished_stage_is_skipped_changed_config_refused_restart_redoes(tmp_pat
     assert (tmp_path / "out" / "config.yaml").exists()
 
 
-def test_changed_store_is_refused_before_resuming(tmp_path, store):
+def test_changed_store_is_refused_before_resuming(tmp_path, store, monkeypatch):
     import shutil
 
     from medsass import manifest
 
     copy = shutil.copytree(store, tmp_path / "copy.zarr")
     cfg = tiny(tmp_path / "out", copy)
-    run_stages(cfg, ["pretrain"])
-    (tmp_path / "out" / "pretrain" / "done").unlink()  # as if killed after the last checkpoint
+    run_killed_before_done(monkeypatch, cfg)
     table = manifest.read_table(manifest.manifest_path(copy)).to_pandas()
     table.loc[0, "split"] = "val"
     manifest.write_table(manifest.rows_to_table(table.to_dict("records")), manifest.manifest_path(copy))
@@ -134,9 +152,8 @@ def test_changed_store_is_refused_before_resuming(tmp_path, store):
     assert plans[0].resume is not None and plans[0].resume["step"] == 3
 
 
-def test_resume_needs_same_worker_count(tmp_path, store):
-    run_stages(tiny(tmp_path / "out", store), ["pretrain"])
-    (tmp_path / "out" / "pretrain" / "done").unlink()
+def test_resume_needs_same_worker_count(tmp_path, store, monkeypatch):
+    run_killed_before_done(monkeypatch, tiny(tmp_path / "out", store))
     with pytest.raises(ConfigError, match="num_workers"):
         plan_run(tiny(tmp_path / "out", store, runtime={"num_workers": 2}), ["pretrain"])
 
