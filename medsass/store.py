@@ -127,9 +127,11 @@ def write_rows(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> 
 
     The inner chunks of a shard are encoded as one batch, concurrently (zarr's defaults encode them one
     by one: ~1.8 ms per image and mask pair in Python overhead, against ~1.0 ms this way and ~0.25 ms for
-    zstd itself)."""
+    zstd itself). Empty chunks are written too: zarr's check that a chunk is all fill value costs ~0.3 ms per
+    image and mask pair, and an all-zero chunk stored costs ~20 bytes; readers see the same zeros either way."""
     n = max(block.shape[0] for block in arrays.values())
-    with zarr.config.set({"codec_pipeline.batch_size": max(1, n), "async.concurrency": 64}):
+    cfg = {"codec_pipeline.batch_size": max(1, n), "async.concurrency": 64, "array.write_empty_chunks": True}
+    with zarr.config.set(cfg):
         for name, block in arrays.items():
             group[name][start : start + block.shape[0]] = block
 
