@@ -673,6 +673,23 @@ def test_plain_gray_png_fast_path_gives_pillows_array(tmp_path, dtype):
         assert fast.meta == slow.meta
 
 
+def test_gray_png_with_an_icc_profile_goes_through_pillow(tmp_path, capfd):
+    """libpng warns on stderr about some ICC profiles (scikit-image's page.png); Pillow reads them quietly."""
+    import skimage
+
+    from medsass.pipeline.readers import pillow
+
+    path = Path(skimage.__file__).parent / "data" / "page.png"
+    data = path.read_bytes()
+    with Image.open(path) as im:
+        assert im.mode == "L" and "icc_profile" in im.info
+        assert pillow._plain_gray_png(im, data) is None
+        expected = np.asarray(im)
+    frame = read(path, "png", [0], max_pixels=10**8, data=data)[0]
+    assert np.array_equal(frame.pixels, expected)
+    assert "PNG warning" not in capfd.readouterr().err
+
+
 def _pil_png(a: np.ndarray) -> bytes:
     import io
 
