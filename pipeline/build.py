@@ -152,8 +152,7 @@ def _salt(cfg: BuildConfig, work: Path) -> str:
         return cfg.runtime.salt
     path = work / "salt"
     if not path.exists():
-        manifest.atomic_write_bytes(path, secrets.token_hex(16).encode())
-        path.chmod(0o600)
+        manifest.atomic_write_bytes(path, secrets.token_hex(16).encode(), mode=0o600)  # a secret: owner only
     return path.read_text().strip()
 
 

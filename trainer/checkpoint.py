@@ -20,9 +20,7 @@ A checkpoint is a plain dict of tensors and plain data (so the safe loader reads
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 import medsass
+from medsass.atomic import atomic_open
 from medsass.errors import ConfigError, StoreError, check_free_space, disk_full
 from medsass.manifest import manifest_digest
 
@@ -42,15 +41,10 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     what = f"checkpoint {path.name}"
     check_free_space(path.parent, _tensor_bytes(payload) + 2**20, what)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_open(path) as fh:
             torch.save({"format": FORMAT, "medsass_version": medsass.__version__, "torch_version": str(torch.__version__), **payload}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
         full = disk_full(exc, path, what)
         if full is not None:
             raise full from exc
