@@ -5,6 +5,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from medsass.manifest import read_manifest
 from medsass.trainer import checkpoint as ck
 
 REPO = Path(__file__).resolve().parents[1]
+PREP = [sys.executable, "-c", "from medsass.pipeline.cli import main; main()", "build-masks"]  # as tests/pipeline/test_resume.py
 PH2 = REPO.parent / "shared" / "data" / "ph2_dermoscopy" / "images"
 
 
@@ -75,11 +77,14 @@ def test_prep_onto_a_full_disk_stops_with_a_clear_error_and_resumes(small_disk, 
     images.mkdir()
     for src in sorted(PH2.glob("*.png"))[:12]:
         (images / src.name).symlink_to(src)
+    salt = uuid.uuid4().hex
+
+    def prep(out):
+        args = ["--size", "512", "--shard-records", "2", "--workers", "1", "--no-progress", "--salt", salt]
+        return subprocess.run([*PREP, str(images), "--out", str(out), *args], capture_output=True, text=True, timeout=300)
+
     out = small_disk / "store.zarr"
-    cmd = [str(REPO / ".venv" / "bin" / "medsass-prep") if (REPO / ".venv" / "bin" / "medsass-prep").exists() else "medsass-prep",
-           "build-masks", str(images), "--out", str(out), "--size", "512", "--shard-records", "2", "--workers", "1",
-           "--no-progress", "--salt", uuid.uuid4().hex]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = prep(out)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]  # after the Dask worker's own log of the failed task
     assert last.startswith("error: no space left on the disk holding") and "re-run the same command" in last, r.stderr[-2000:]
@@ -90,7 +95,7 @@ def test_prep_onto_a_full_disk_stops_with_a_clear_error_and_resumes(small_disk, 
     roomy = tmp_path / "store.zarr"
     shutil.copytree(out, roomy, symlinks=True)
     done = {p.name: p.read_bytes() for p in parts}
-    r = subprocess.run([*cmd[:4], str(roomy), *cmd[5:]], capture_output=True, text=True, timeout=300)
+    r = prep(roomy)
     assert r.returncode == 0, r.stderr[-2000:]
     for name, data in done.items():
         assert (roomy / "_medsass" / "parts" / name).read_bytes() == data
