@@ -56,3 +56,21 @@ def test_errors_name_the_key(data, overrides, match):
 def test_optional_and_null():
     assert configio.load(Outer, {"name": "x"}, ["path=null"]).path is None
     assert configio.load(Outer, {"name": "x"}, ["path=/a/b"]).path == "/a/b"
+
+
+@pytest.mark.parametrize("content", [b"name: caf\xe9\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe"], ids=["latin1", "binary"])
+def test_non_utf8_config_file_is_a_one_line_config_error_naming_it(tmp_path, content):
+    """A binary or non-UTF-8 file given as a config: ConfigError (exit 2 in both CLIs), not a UnicodeDecodeError."""
+    from click.testing import CliRunner
+    from medsass.pipeline.cli import main as prep
+    from medsass.trainer.cli import main as train
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"config\.yaml is not UTF-8 text"):
+        configio.read_yaml(path)
+    for cli, args in ((prep, ["build-masks", "--dataset", str(path)]), (train, ["run", str(path)])):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0] and "UTF-8" in lines[0], result.output
