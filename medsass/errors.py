@@ -89,3 +89,7 @@ def check_free_space(path: str | Path, need_bytes: int, what: str) -> None:
             f"and {free / 2**20:,.0f} MiB are free; free space there (or write to another disk) and re-run the same "
             "command: it resumes from what was saved"
         )
+
+
+class MedsassWarning(UserWarning):
+    """Something was repaired or worked around (a torn log line dropped, an older checkpoint used); the run goes on."""

@@ -20,7 +20,11 @@ A checkpoint is a plain dict of tensors and plain data (so the safe loader reads
 """
 from __future__ import annotations
 
+import os
 import random
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,16 @@ import torch
 
 import medsass
 from medsass.atomic import atomic_open
-from medsass.errors import ConfigError, StoreError, check_free_space, disk_full
+from medsass.errors import ConfigError, MedsassWarning, StoreError, check_free_space, disk_full
 from medsass.manifest import manifest_digest
 
-FORMAT = 1
+FORMAT = 1  # the layout above; raise it when a reader of the old layout would misread the new one
+READS_FORMATS = (1,)  # formats load() accepts
+LAST, PREV = "last.pt", "last.prev.pt"  # the resume point and the one it replaced
+
+
+class UnreadableCheckpoint(ConfigError):
+    """torch cannot read the file at all (torn, truncated, not a checkpoint)."""
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
@@ -70,10 +80,83 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ConfigError(f"{path} is not a readable medsass checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UnreadableCheckpoint(_unreadable_message(path, exc)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ConfigError(f"{path} is not a medsass checkpoint (no model / model_args entries)")
+    check_format(ckpt, path)
     return ckpt
+
+
+def _unreadable_message(path: Path, exc: Exception) -> str:
+    """What happened, which file, and what to do about a checkpoint torch cannot read."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):  # the weights-only loader's long advice is about trusting foreign files
+        detail = "it holds Python objects the safe weights-only loader refuses"
+    else:
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if path.name in (LAST, PREV):
+        todo = (f"Delete it and re-run the same command: the stage resumes from {PREV} when that is readable, "
+                "else from its start (or redo the stage at once with --restart)")
+    else:
+        todo = ("Restore it from a copy, or write it again by re-running the stage that made it with --restart "
+                "(medsass-train run CONFIG --stages STAGE --restart)")
+    return (f"checkpoint {path} is not a readable medsass checkpoint ({detail}): the file is damaged (a write cut short "
+            f"by a full disk or a killed copy) or is not a checkpoint. {todo}")
+
+
+def check_format(ckpt: dict[str, Any], path: str | Path) -> None:
+    """ConfigError unless this medsass reads the checkpoint's ``format``, saying which medsass to use instead."""
+    fmt = ckpt.get("format")
+    if fmt in READS_FORMATS and type(fmt) is int:
+        return
+    reads = ", ".join(map(str, READS_FORMATS))
+    wrote = f"medsass {ckpt.get('medsass_version', '(version not recorded)')}"
+    if type(fmt) is int and fmt > max(READS_FORMATS):
+        raise ConfigError(
+            f"checkpoint {path} has format {fmt!r}, newer than this medsass {medsass.__version__} reads (it reads format "
+            f"{reads}); {wrote} wrote it: upgrade medsass to use it (pip install -U medsass)"
+        )
+    raise ConfigError(
+        f"checkpoint {path} has format {fmt!r}, older than this medsass {medsass.__version__} reads (it reads format {reads}); "
+        f"{wrote} wrote it: use the medsass version that wrote it, or redo the stage with --restart to write a current one"
+    )
+
+
+def save_last(folder: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``folder/last.pt``; the last.pt it replaces becomes last.prev.pt.
+
+    ``save`` is atomic, so a kill never tears last.pt; a bad disk or an interrupted copy of the run still can, and
+    then the previous resume point costs one checkpoint interval instead of the whole stage (:func:`load_resume`).
+    """
+    last = Path(folder) / LAST
+    if last.exists() and zipfile.is_zipfile(last):  # torch's zip container: a torn last.pt must not replace a good PREV
+        os.replace(last, last.parent / PREV)
+    save(last, payload)
+
+
+def load_resume(folder: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint an interrupted stage resumes from and its path, or None: ``last.pt``, else ``last.prev.pt``.
+
+    last.pt missing beside a last.prev.pt means a kill between rotating and writing: last.prev.pt is the newest.
+    An unreadable last.pt falls back to a readable last.prev.pt with a warning; without one its error stands.
+    """
+    last, prev = Path(folder) / LAST, Path(folder) / PREV
+    if not last.exists():
+        return (load(prev), prev) if prev.exists() else None
+    try:
+        return load(last), last
+    except UnreadableCheckpoint as exc:
+        if not prev.exists():
+            raise
+        try:
+            ckpt = load(prev)
+        except ConfigError:
+            raise exc from None
+    warnings.warn(f"{last} cannot be read (damaged); resuming from {prev} (step {ckpt.get('step')}) instead: "
+                  "the steps after it are trained again", MedsassWarning, stacklevel=2)
+    return ckpt, prev
 
 
 def resolve(path: str | Path, stage: str = "pretrain") -> Path:

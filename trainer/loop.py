@@ -301,7 +301,9 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         return {**out, **loop.state_dict()} if kind == "last" else out
 
     def checkpoint(kind: str, st: LoopState) -> None:
-        if dist.is_main:
+        if dist.is_main and kind == "last":
+            ck.save_last(plan.dir, payload(kind, st))  # keeps the one it replaces as last.prev.pt
+        elif dist.is_main:
             ck.save(plan.dir / f"{kind}.pt", payload(kind, st))
 
     log = MetricsLog(plan.dir / "metrics.jsonl", enabled=dist.is_main, resume_step=state.step, tensorboard=rt.tensorboard)
@@ -318,5 +320,6 @@ def run_training(config, plan, dist) -> dict[str, Any]:
                     "source": str(plan.source) if plan.source else None, "source_id": ck.file_id(plan.source)}, plan.dir / "done")
         # A finished stage is never resumed, so its resume point (weights + optimiser state, about 3x the model)
         # goes, as nnU-Net drops checkpoint_latest. Killed before this line, a re-run sees "done" and skips.
-        (plan.dir / "last.pt").unlink(missing_ok=True)
+        (plan.dir / ck.LAST).unlink(missing_ok=True)
+        (plan.dir / ck.PREV).unlink(missing_ok=True)
     return summary

@@ -30,7 +30,7 @@ from medsass.manifest import read_json, read_manifest, write_json
 from medsass.store import open_store
 
 DONE = "done"
-STAGE_FILES = ("last.pt", "best.pt", "final.pt", "metrics.jsonl", DONE, "metrics.json", "per_image.csv")
+STAGE_FILES = ("last.pt", "last.prev.pt", "best.pt", "final.pt", "metrics.jsonl", DONE, "metrics.json", "per_image.csv")
 
 
 @dataclass
@@ -263,10 +263,12 @@ def _check_existing(config: TrainConfig, plan: StagePlan, digests: dict[str, dic
             raise ConfigError(f"the pretrain checkpoint {plan.source} changed since finetune in {plan.dir} finished from it; {hint}")
         plan.skip = True
         return
-    last = plan.dir / "last.pt"
-    if plan.stage == "evaluate" or not last.exists():
+    if plan.stage == "evaluate":
         return
-    ck = ckpt_mod.load(last)
+    found = ckpt_mod.load_resume(plan.dir)  # last.pt, or last.prev.pt when last.pt is torn
+    if found is None:
+        return
+    ck, last = found
     changed = diff_keys(ck.get("section"), section)
     if changed:
         raise ConfigError(f"{last} was written with a different config ({', '.join(changed)}); {hint}")

@@ -169,3 +169,48 @@ def test_gpu_code_paths_run_on_cpu(tmp_path, store, amp):
     assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
     lines = [json.loads(x) for x in (tmp_path / "out" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
+
+
+@pytest.mark.parametrize(("fmt", "words"), [(ck.FORMAT + 1, ["newer", "upgrade medsass"]), (0, ["older", "medsass version that wrote it"]),
+                                            ("1", ["older"])])
+def test_checkpoint_format_version_is_checked_on_load(tmp_path, fmt, words):
+    path = tmp_path / "final.pt"
+    ck.save(path, {"model": {}, "model_args": {}, "format": fmt})
+    with pytest.raises(ConfigError) as err:
+        ck.load(path)
+    message = str(err.value)
+    assert str(path) in message and f"format {fmt!r}" in message and f"reads format {ck.FORMAT}" in message
+    for word in words:
+        assert word in message, message
+
+
+def test_torn_checkpoint_error_says_what_happened_which_file_and_what_to_do(tmp_path):
+    path = tmp_path / "pretrain" / "last.pt"
+    ck.save(path, {"model": {"w": torch.zeros(5000)}, "model_args": {}})
+    path.write_bytes(path.read_bytes()[:9000])  # a write cut short
+    with pytest.raises(ConfigError) as err:
+        ck.load(path)
+    message = str(err.value)
+    assert str(path) in message and "damaged" in message
+    assert "Delete it" in message and "--restart" in message  # the remedy, not cut off
+
+
+def test_torn_last_pt_resumes_from_the_previous_checkpoint(tmp_path, store, monkeypatch, recwarn):
+    """last.pt is rotated to last.prev.pt before each write; an unreadable last.pt resumes from it, with a warning."""
+    reference = tiny(tmp_path / "ref", store)
+    run_stages(reference, ["pretrain"])
+    cfg = tiny(tmp_path / "out", store)
+    run_killed_before_done(monkeypatch, cfg)
+    stage = tmp_path / "out" / "pretrain"
+    assert torch.load(stage / "last.prev.pt", weights_only=True)["step"] == 2
+    last = stage / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn by a bad disk or copy
+
+    plans = plan_run(cfg, ["pretrain"])
+    assert plans[0].resume["step"] == 2
+    assert any("last.prev.pt" in str(w.message) and str(last) in str(w.message) for w in recwarn.list)
+    run_stages(cfg, ["pretrain"])
+    ref, resumed = _final_state(tmp_path / "ref"), _final_state(tmp_path / "out")
+    for key, value in ref["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert not last.exists() and not (stage / "last.prev.pt").exists()  # a finished stage keeps neither
