@@ -34,7 +34,7 @@ import torch
 import medsass
 from medsass.atomic import atomic_open
 from medsass.errors import ConfigError, MedsassWarning, StoreError, check_free_space, disk_full
-from medsass.manifest import manifest_digest
+from medsass.manifest import file_digest, manifest_digest
 
 FORMAT = 1  # the layout above; raise it when a reader of the old layout would misread the new one
 READS_FORMATS = (1,)  # formats load() accepts
@@ -168,12 +168,32 @@ def resolve(path: str | Path, stage: str = "pretrain") -> Path:
     raise ConfigError(f"no checkpoint at {path} (looked for the file, {path}/final.pt and {path}/{stage}/final.pt)")
 
 
-def file_id(path: str | Path | None) -> list[Any] | None:
-    """(resolved path, size, mtime) of a checkpoint: tells a done stage that its input was rewritten."""
+def file_id(path: str | Path | None) -> dict[str, Any] | None:
+    """What a done marker records of the checkpoint its stage started from: the file's size and sha256.
+
+    Content, not place: a run copied or moved to another folder or filesystem (``cp -a runs/a runs/b``) still matches.
+    """
     if path is None or not Path(path).exists():
         return None
+    return {"bytes": Path(path).stat().st_size, "sha256": file_digest(path)}
+
+
+def same_file(recorded: Any, path: str | Path | None) -> bool:
+    """Whether ``path`` is the checkpoint a done marker recorded with :func:`file_id`.
+
+    Markers written before content hashes hold ``[resolved path, size, mtime_ns]``. They match on size and mtime,
+    whatever the path: ``cp -a``, ``mv`` and ``rsync -a`` keep both, while a checkpoint written again gets a new
+    mtime. (Size alone says nothing: every checkpoint of one architecture has about the same size.) A plain ``cp``
+    of such an old run resets mtimes and is refused, as before; --restart of the finishing stage rewrites the marker.
+    """
+    if recorded is None or path is None or not Path(path).exists():
+        return recorded is None and (path is None or not Path(path).exists())
     st = Path(path).stat()
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    if isinstance(recorded, list) and len(recorded) == 3:  # the older (path, size, mtime) form
+        return [recorded[1], recorded[2]] == [st.st_size, st.st_mtime_ns]
+    if not isinstance(recorded, dict) or recorded.get("bytes") != st.st_size:  # cheap first: no hashing
+        return False
+    return recorded.get("sha256") == file_digest(path)
 
 
 def store_digests(stores: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -255,11 +255,11 @@ def _check_existing(config: TrainConfig, plan: StagePlan, digests: dict[str, dic
         marker = read_json(done)
         changed = diff_keys(marker.get("section"), section)
         if plan.stage == "evaluate":
-            plan.skip = not changed and marker.get("checkpoint") == ckpt_mod.file_id(plan.source)
+            plan.skip = not changed and ckpt_mod.same_file(marker.get("checkpoint"), plan.source)
             return  # evaluate is cheap: a changed config or checkpoint just runs it again
         if changed:
             raise ConfigError(f"{plan.stage} in {plan.dir} finished with a different config ({', '.join(changed)}); {hint}")
-        if plan.stage == "finetune" and marker.get("source_id") != ckpt_mod.file_id(plan.source):
+        if plan.stage == "finetune" and not ckpt_mod.same_file(marker.get("source_id"), plan.source):
             raise ConfigError(f"the pretrain checkpoint {plan.source} changed since finetune in {plan.dir} finished from it; {hint}")
         plan.skip = True
         return

@@ -214,3 +214,40 @@ def test_torn_last_pt_resumes_from_the_previous_checkpoint(tmp_path, store, monk
     for key, value in ref["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert not last.exists() and not (stage / "last.prev.pt").exists()  # a finished stage keeps neither
+
+
+def test_copied_run_resumes_and_a_rewritten_pretrain_checkpoint_is_still_refused(tmp_path, store):
+    """cp -a runs/a runs/b: the done markers record content hashes, so the copy's finished stages are skipped."""
+    import shutil
+
+    run_stages(tiny(tmp_path / "a", store), ["pretrain", "finetune", "evaluate"])
+    for copy in (shutil.copy2, shutil.copyfile):  # cp -a keeps mtimes, a plain cp does not
+        b = tmp_path / f"b-{copy.__name__}"
+        shutil.copytree(tmp_path / "a", b, copy_function=copy)
+        plans = plan_run(tiny(b, store), ["pretrain", "finetune", "evaluate"])
+        assert [p.skip for p in plans] == [True, True, True], copy.__name__
+
+    final = b / "pretrain" / "final.pt"
+    state = torch.load(final, weights_only=True)
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    ck.save(final, state)  # same size, other weights
+    with pytest.raises(ConfigError, match="pretrain checkpoint .* changed since finetune"):
+        plan_run(tiny(b, store), ["pretrain", "finetune"])
+
+
+def test_done_markers_of_older_runs_still_resume_after_a_move(tmp_path, store):
+    """Markers written before content hashes hold (path, size, mtime): a moved file with its size and mtime is accepted."""
+    import shutil
+
+    run_stages(tiny(tmp_path / "a", store), ["pretrain", "finetune"])
+    src = tmp_path / "a" / "pretrain" / "final.pt"
+    marker_path = tmp_path / "a" / "finetune" / "done"
+    marker = json.loads(marker_path.read_text())
+    st = src.stat()
+    marker["source_id"] = [str(src.resolve()), st.st_size, st.st_mtime_ns]
+    marker_path.write_text(json.dumps(marker))
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    assert [p.skip for p in plan_run(tiny(tmp_path / "moved", store), ["pretrain", "finetune"])] == [True, True]
+    os.utime(tmp_path / "moved" / "pretrain" / "final.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten?
+    with pytest.raises(ConfigError, match="changed since finetune"):
+        plan_run(tiny(tmp_path / "moved", store), ["pretrain", "finetune"])
