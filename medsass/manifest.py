@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 
 from medsass.atomic import atomic_write_bytes  # noqa: F401 (re-exported: prep and trainer write through it)
@@ -73,11 +74,18 @@ COLUMNS: dict[str, tuple[pa.DataType, Any, str]] = {
     "label_status": (pa.string(), "", "'' (no label searched), ok, missing, shape_mismatch, unreadable"),
     "label_reason": (pa.string(), "", "why a label could not be used"),
     "label_fg_fraction": (pa.float64(), float("nan"), "real-mask foreground fraction at native resolution"),
+    "label_revision": (pa.int32(), 0, "versions of this row's label written so far: 0 none, 1 the first (build-masks --labels or add-labels), +1 per add-labels that changed it"),
     "group": (pa.string(), "", "split group key (salted hash for DICOM PatientID; never the raw ID)"),
     "split": (pa.string(), "", "train | val | test ('' when not stored)"),
 }
 
 ARROW_SCHEMA = pa.schema([pa.field(name, typ) for name, (typ, _, _) in COLUMNS.items()])
+
+# Columns added after schema version 1 was first written: a manifest without them is still read, the column
+# filled from the others (its value for a store written before the column existed).
+ADDED_COLUMNS = {
+    "label_revision": lambda table: pa.compute.cast(table.column("has_label"), pa.int32()),  # a stored label was version 1
+}
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
@@ -114,9 +122,14 @@ def _json_scalar(value: Any) -> Any:
 
 def write_table(table: pa.Table, path: str | Path) -> None:
     """Write a Parquet table atomically."""
+    atomic_write_bytes(path, table_bytes(table))
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """The Parquet file :func:`write_table` writes for ``table``."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
 
 
 def read_table(path: str | Path) -> pa.Table:
@@ -124,9 +137,15 @@ def read_table(path: str | Path) -> pa.Table:
     if not path.exists():
         raise StoreError(f"manifest {path} does not exist; build the store with `medsass-prep build-masks` first")
     table = pq.read_table(path)
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in table.column_names and c not in ADDED_COLUMNS]
     if missing:
         raise StoreError(f"manifest {path} lacks column(s) {missing}; it was not written by this medsass schema")
+    added = [c for c in ADDED_COLUMNS if c not in table.column_names]
+    if added:
+        for name in added:
+            table = table.append_column(pa.field(name, COLUMNS[name][0]), ADDED_COLUMNS[name](table))
+        order = [c for c in COLUMNS if c in table.column_names]
+        table = table.select(order + [c for c in table.column_names if c not in COLUMNS])
     return table
 
 

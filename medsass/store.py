@@ -136,6 +136,17 @@ def write_rows(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> 
             group[name][start : start + block.shape[0]] = block
 
 
+def drop_shard(group: zarr.Group, name: str, shard: int) -> None:
+    """Delete shard ``shard`` of array ``name`` (readers see the fill value, 0, until it is written again).
+
+    For rewriting a shard that may be torn (a write killed half-way): zarr 3 reads a shard back before writing
+    into it, even when the write covers all of it, and fails on a damaged one."""
+    from zarr.core.sync import sync
+
+    arr = group[name]
+    sync((arr.store_path / arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))).delete())
+
+
 def pseudo_label_array(group: zarr.Group, name: str, *, create: bool = False) -> zarr.Array:
     """The extra pseudo-label array ``pseudo_labels/<name>`` (created empty when ``create``)."""
     meta = group.attrs[ATTRS_KEY]

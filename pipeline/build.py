@@ -62,6 +62,13 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     check_inputs_exist([s.path for s in cfg.sources])  # before anything is created: a typo leaves no half-made store
     _prepare_output(out, cfg, overwrite)
     work = store.work_dir(out)
+    added = work / "add_labels"
+    if retry_failed and ((added / "history.jsonl").exists() or (added / "run" / "plan.json").exists()):
+        raise StoreError(
+            f"labels were added to {out} by add-labels ({added}); --retry-failed rebuilds whole shards "
+            "with the build's own --labels and would drop them. Retry into a new store (build-masks --out NEW), "
+            "then run add-labels on it"
+        )
     salt = _salt(cfg, work)
     params = cfg.output_params()
     rt = cfg.runtime

@@ -159,6 +159,31 @@ def report_cmd(store, out, n_samples, seed):
     _run(go)
 
 
+@main.command("add-labels", epilog="""Exit codes: 0 every mask found was stored (or was already); 3 some masks were
+rejected (listed, and in STORE/_medsass/add_labels/report.json); 2 bad usage, or an unfinished add-labels of other
+masks is pending; 1 unexpected error. Interrupted? Run the same command again: it resumes.""")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--labels", type=click.Path(exists=True, file_okay=False), help="Folder of new or corrected masks (searched recursively).")
+@click.option("--label-pattern", help="Mask file name template, e.g. '{stem}_mask.png' (default: same stem, any extension).")
+@click.option("--stem-regex", help="Regex with named groups matched on the image stem, usable in --label-pattern.")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with columns image,mask (instead of --labels); image is a path relative to the CSV, a sample_id or a source_rel.")
+def add_labels_cmd(store, labels, label_pattern, stem_regex, pairs):
+    """Write new or corrected real masks into the label array of STORE, in place.
+
+    Masks pair with records as in build-masks; only the shards holding them are rewritten, the manifest is updated
+    at the end in one atomic step (has_label, label_source, label_status, label_revision)."""
+
+    def go() -> int:
+        from .add_labels import add_labels, format_summary
+
+        result = add_labels(store, labels_dir=labels, pattern=label_pattern, stem_regex=stem_regex, pairs=pairs)
+        click.echo(format_summary(result))
+        return result.exit_code
+
+    _run(go)
+
+
 def _run(fn) -> None:
     try:
         code = fn()

@@ -28,6 +28,7 @@ class Pairing:
     path: str  # '' when none
     status: str  # ok | missing | ambiguous | '' (no labels configured for this source)
     reason: str = ""
+    candidates: tuple[str, ...] = ()  # the matching files when ambiguous
 
 
 NO_LABELS = Pairing("", "", "")
@@ -40,10 +41,11 @@ class LabelIndex:
         self.spec = spec
         self.regex = re.compile(spec.stem_regex) if spec.stem_regex else None
         self.pairs: dict[str, str] | None = None
+        self.raw_pairs: dict[str, str] = {}  # the CSV's image values as written -> mask
         self.by_rel: dict[str, str] = {}
         self.by_name: dict[str, list[str]] = defaultdict(list)
         if spec.pairs:
-            self.pairs = _read_pairs(Path(spec.pairs))
+            self.pairs, self.raw_pairs = _read_pairs(Path(spec.pairs))
         elif spec.dir:
             root = Path(spec.dir)
             if not root.is_dir():
@@ -69,11 +71,14 @@ class LabelIndex:
             return {str(Path(p).resolve()) for p in self.pairs.values()}
         return {str(Path(p).resolve()) for p in self.by_rel.values()}
 
-    def pair(self, image_path: str, rel: str) -> Pairing:
+    def pair(self, image_path: str, rel: str, aliases: tuple[str, ...] = ()) -> Pairing:
+        """The label of one image. ``aliases`` (e.g. a stored record's sample_id and source_rel) may also name
+        the image in a pairs CSV's ``image`` column, as written there."""
         if not self.active:
             return NO_LABELS
         if self.pairs is not None:
             hit = self.pairs.get(str(Path(image_path).resolve()))
+            hit = hit or next((self.raw_pairs[a] for a in aliases if a in self.raw_pairs), "")
             return Pairing(hit, "ok") if hit else Pairing("", "missing", f"no row for this image in {self.spec.pairs}")
         rel_p = PurePosixPath(rel)
         fields = {
@@ -101,7 +106,7 @@ class LabelIndex:
         if not hits:
             return Pairing("", "missing", f"no file matching {target!r} in {self.spec.dir}")
         shown = ", ".join(Path(h).name for h in hits[:3])
-        return Pairing("", "ambiguous", f"{len(hits)} files match {target!r} in {self.spec.dir}: {shown}")
+        return Pairing("", "ambiguous", f"{len(hits)} files match {target!r} in {self.spec.dir}: {shown}", tuple(hits))
 
     def _lookup(self, target: str, rel_dir: str) -> list[str]:
         wild = any(c in target for c in "*?[")
@@ -121,18 +126,20 @@ class LabelIndex:
         return sorted(p for n, ps in self.by_name.items() if fnmatch.fnmatchcase(n, target) for p in ps)
 
 
-def _read_pairs(path: Path) -> dict[str, str]:
+def _read_pairs(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(resolved image path -> resolved mask path, image value as written -> resolved mask path)."""
     if not path.exists():
         raise ConfigError(f"pairs CSV {path} does not exist")
     out: dict[str, str] = {}
+    raw: dict[str, str] = {}
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"image", "mask"} <= set(reader.fieldnames):
             raise ConfigError(f"pairs CSV {path} needs a header with columns 'image' and 'mask'")
         for row in reader:
             img = (path.parent / row["image"]).resolve()
-            out[str(img)] = str((path.parent / row["mask"]).resolve())
-    return out
+            out[str(img)] = raw[row["image"]] = str((path.parent / row["mask"]).resolve())
+    return out, raw
 
 
 def binarize(label: np.ndarray) -> np.ndarray:

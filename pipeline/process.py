@@ -113,7 +113,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
         lab = labels.get(fidx) if labels else None
         lstatus, lreason = label_status, label_reason
         if lab is not None and lab.shape != gray.shape:
-            lstatus, lreason = "shape_mismatch", f"mask is {lab.shape[0]}x{lab.shape[1]}, image is {gray.shape[0]}x{gray.shape[1]}"
+            lstatus, lreason = "shape_mismatch", shape_mismatch_reason(lab.shape, gray.shape)
             lab = None
         for r, k in recs:
             p = places[k]
@@ -131,9 +131,9 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             )
             label_c = None
             if lab is not None:
-                label_c = geometry.place_mask(lab, p, size)
-                meta.update(has_label=True, label_status="ok", label_reason="",
-                            label_fg_fraction=float(lab[p.crop_y : p.crop_y + p.crop_height, p.crop_x : p.crop_x + p.crop_width].mean()))
+                label_c, label_fg = place_label(lab, p, size)
+                meta.update(has_label=True, label_status="ok", label_reason="", label_fg_fraction=label_fg,
+                            label_revision=1)
             else:
                 meta.update(label_status=lstatus, label_reason=lreason)
             out.append(Record(r, geometry.place_image(u8, p, size), geometry.place_mask(pm.mask, p, size), label_c, meta))
@@ -147,22 +147,39 @@ def _fg_flags(fg: float) -> list[str]:
 def _read_label(e: PlanEntry, frames: list[int], max_pixels: int) -> tuple[dict[int, np.ndarray], str, str]:
     if e.label_status != "ok" or not e.label_path:
         return {}, e.label_status, e.label_reason
+    return read_mask(e.label_path, e.n_frames, frames, max_pixels)
+
+
+def read_mask(path: str, n_frames: int, frames: list[int], max_pixels: int) -> tuple[dict[int, np.ndarray], str, str]:
+    """Binary masks (frame -> bool (H, W)) of a real-mask file for an image of ``n_frames`` frames, plus
+    label_status ('ok', 'unreadable', 'frames_mismatch') and reason. Never raises for a bad file."""
     from .discover import sniff
     from .readers import probe, read
 
     try:
-        fmt = sniff(Path(e.label_path))
+        fmt = sniff(Path(path))
         if fmt is None:
-            return {}, "unreadable", f"{e.label_path} is not an image medsass reads"
-        n = probe(Path(e.label_path), fmt).n_frames
-        if n != e.n_frames:
-            return {}, "frames_mismatch", f"mask has {n} frame(s), image has {e.n_frames}"
-        got = read(Path(e.label_path), fmt, frames, max_pixels=max_pixels)
+            return {}, "unreadable", f"{path} is not an image medsass reads"
+        n = probe(Path(path), fmt).n_frames
+        if n != n_frames:
+            return {}, "frames_mismatch", f"mask has {n} frame(s), image has {n_frames}"
+        got = read(Path(path), fmt, frames, max_pixels=max_pixels)
         return {fr.index: binarize(fr.pixels) for fr in got}, "ok", ""
     except InputError as exc:
-        return {}, "unreadable", f"{e.label_path}: {exc.reason}"
+        return {}, "unreadable", f"{path}: {exc.reason}"
     except Exception as exc:
-        return {}, "unreadable", f"{e.label_path}: {type(exc).__name__}: {exc}"
+        return {}, "unreadable", f"{path}: {type(exc).__name__}: {exc}"
+
+
+def place_label(mask: np.ndarray, p: geometry.Placement, size: int) -> tuple[np.ndarray, float]:
+    """A binary source mask -> the record's stored (size, size) label and its foreground fraction in the record's
+    source region (manifest ``label_fg_fraction``). build-masks and add-labels both store labels through this."""
+    crop = mask[p.crop_y : p.crop_y + p.crop_height, p.crop_x : p.crop_x + p.crop_width]
+    return geometry.place_mask(mask, p, size), float(crop.mean())
+
+
+def shape_mismatch_reason(mask_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> str:
+    return f"mask is {mask_shape[0]}x{mask_shape[1]}, image is {image_shape[0]}x{image_shape[1]}"
 
 
 def _failed(e: PlanEntry, wanted, sha: str, code: str, reason: str) -> list[Record]:
