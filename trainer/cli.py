@@ -140,6 +140,41 @@ def demo_cmd(out: str, workers: int) -> None:
     click.echo(f"store: {out}/sample.zarr   run: {out}/run   (metrics.json, per_image.csv, overlays/ under {out}/run/evaluate)")
 
 
+@main.command("study")
+@click.argument("study_file", metavar="STUDY")
+@_set_opt
+@click.option("--datasets", default="", metavar="LIST", help="Comma-separated dataset names (default: all of the study's).")
+@click.option("--seeds", default="", metavar="LIST", help="Comma-separated seeds (default: the study's).")
+@click.option("--arms", default="", metavar="LIST", help="Only these fine-tune arms (and the pretraining they need).")
+@click.option("--budgets", default="", metavar="LIST", help="Only these label budgets of the study (e.g. 1,5,100%).")
+@click.option("--max-runs", type=click.IntRange(min=1), default=None, help="Stop after this many runs of the grid (in run order).")
+@click.option("--dry-run", is_flag=True, help="List the runs (done / todo) and train nothing.")
+@click.option("--report-only", is_flag=True, help="Write the tables and plots from the ledger; train nothing.")
+def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, max_runs: int | None,
+              dry_run: bool, report_only: bool) -> None:
+    """Run a label-efficiency study (STUDY: a study YAML, e.g. benchmarks/studies/scale_cpu.yaml); resumable.
+
+    Every finished run is one line of RESULTS_DIR/results.jsonl; re-running skips those and resumes the
+    interrupted one. Writes results.csv, table.md and one plot per dataset to the study's results_dir.
+    """
+    from medsass.errors import MedsassError
+
+    def split(text: str) -> list[str]:
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    try:
+        from medsass.trainer.study.runner import run_study
+
+        outcome = run_study(study_file, overrides, datasets=split(datasets), seeds=[int(s) for s in split(seeds)] or None,
+                            arms=split(arms), budgets=split(budgets), max_runs=max_runs, dry_run=dry_run, report_only=report_only,
+                            log=lambda m: click.echo(m, err=True))
+    except (MedsassError, ValueError) as exc:
+        raise _fail(exc) from None
+    if outcome.failed:
+        click.echo(f"{len(outcome.failed)} run(s) failed; see the log above", err=True)
+        sys.exit(3)
+
+
 @main.command("show-config")
 @_config_arg
 @_set_opt
@@ -207,6 +242,43 @@ def report_cmd(run_dir: str, out: str | None) -> None:
     except MedsassError as exc:
         raise _fail(exc) from None
     click.echo(str(path))
+
+
+@main.command("suggest")
+@click.argument("run_or_checkpoint", type=click.Path(exists=True))
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="The store whose unlabeled train records are ranked.")
+@click.option("--n", "n", required=True, type=click.IntRange(min=1), help="How many images to pick.")
+@click.option("--strategy", default="random", show_default=True, type=click.Choice(["random", "diverse", "uncertain", "hybrid"]),
+              help="random (the default until the scale study shows another beats it); diverse: k-center greedy on the encoder's "
+                   "embeddings; uncertain: most disagreement between zero-shot prediction and pseudo-mask; hybrid: diverse among "
+                   "the max(4N, 50) most uncertain.")
+@click.option("--seed", default=0, show_default=True, help="Seeds the random order and the first k-center pick.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder: picks.csv, gallery.html, suggest.json.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads [the checkpoint config's runtime.threads].")
+@click.option("--include-degenerate", is_flag=True, help="Also rank records whose pseudo-mask failed QC (fg_low / fg_high; never constant images).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed: int, out: str, batch_size: int, device: str,
+                threads: int | None, include_degenerate: bool, no_progress: bool) -> None:
+    """Which N unlabeled train images of STORE should an expert label? Ranks them with the pretrained model
+    RUN_OR_CHECKPOINT (a .pt, or a run folder: its pretrain/final.pt).
+
+    Candidates: records of the train split without a label whose pseudo-mask passed QC. Writes OUT/picks.csv
+    (rank, sample_id, source_rel, strategy, score, reason, ...), OUT/gallery.html (image, pseudo-mask and zero-shot
+    prediction per pick) and OUT/suggest.json (parameters, checkpoint). The default strategy is random for now.
+    """
+    from medsass.errors import MedsassError
+
+    try:
+        from medsass.trainer.suggest import suggest
+
+        res = suggest(run_or_checkpoint, store, n, out, strategy=strategy, seed=seed, batch_size=batch_size, device=device,
+                      threads=threads, include_degenerate=include_degenerate, progress=not no_progress)
+    except MedsassError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{n} pick(s) of {res['candidates']} candidate(s), strategy {strategy}: {os.path.join(out, 'picks.csv')}, "
+               f"{os.path.join(out, 'gallery.html')}")
 
 
 @main.command("selftrain")

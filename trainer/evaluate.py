@@ -106,12 +106,14 @@ def evaluate_split(
 
 
 def write_per_image_csv(path: Path, rows: list[dict[str, Any]], sample_ids: dict[tuple[str, int], str]) -> None:
-    cols = ["split", "store", "sample_id", "row", "iou", "dice", "pseudo_iou", "tp", "fp", "fn", "tn"]
+    cols = ["split", "store", "sample_id", "row", "iou", "dice", "pseudo_iou", "tp", "fp", "fn", "tn",
+            "pseudo_tp", "pseudo_fp", "pseudo_fn"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "sample_id": sample_ids.get((r["store"], r["row"]), ""), "pseudo_iou": r.get("pseudo_iou", "")})
+        writer.writerow({**r, "sample_id": sample_ids.get((r["store"], r["row"]), ""),
+                         **{k: r.get(k, "") for k in ("pseudo_iou", "pseudo_tp", "pseudo_fp", "pseudo_fn")}})
     atomic_write_bytes(path, buf.getvalue().encode())
 
 

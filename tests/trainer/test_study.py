@@ -1,0 +1,140 @@
+"""medsass-train study: stats with known answers, the grid, and a tiny study end to end (synthetic stores, a few
+steps per stage): every arm incl. SimCLR, a cross-site store, the convergence check, the report, and resume."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from medsass.testing import make_synthetic_store
+from medsass.trainer.cli import main
+from medsass.trainer.study import ledger
+from medsass.trainer.study.spec import budget_count, parse_budget
+from medsass.trainer.study.stats import estimate, micro_iou, paired_difference
+
+torch.set_num_threads(1)
+TINY = "tu-mobilenetv3_small_100"
+
+
+def test_budgets():
+    assert [budget_count(b, 28) for b in ["1", "2", "5", "10%", "100%"]] == [1, 2, 5, 3, 28]
+    assert [budget_count(b, 2) for b in ["1", "5", "100%"]] == [1, 2, 2]
+    for bad in ["0", "abc", "0%", "150%"]:
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+
+
+def test_micro_iou_and_intervals():
+    assert micro_iou(np.array([[1, 1, 0], [3, 0, 1]])) == pytest.approx(4 / 6)
+    rng = np.random.default_rng(0)
+    base = rng.integers(50, 100, size=(3, 40, 3))
+    better = base.copy()
+    better[..., 1] = 0  # no false positives: strictly better on every image and seed
+    d = paired_difference(better, base, reps=500)
+    assert d.mean > 0 and d.lo > 0 and d.excludes_zero
+    same = paired_difference(base, base, reps=500)
+    assert same.mean == 0 and same.lo == 0 and same.hi == 0 and not same.excludes_zero
+    e = estimate(base, reps=500)
+    assert e.lo <= e.mean <= e.hi and e.n_seeds == 3
+    with pytest.raises(ValueError):
+        paired_difference(base[:2], base, reps=100)
+
+
+def test_ledger_drops_torn_last_line(tmp_path):
+    ledger.append(tmp_path, {"key": "a", "x": 1})
+    with ledger.ledger_path(tmp_path).open("ab") as fh:
+        fh.write(b'{"key": "b", "x": ')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert set(ledger.read_ledger(tmp_path)) == {"a"}
+    with pytest.warns(UserWarning):
+        ledger.append(tmp_path, {"key": "c"})
+    assert set(ledger.read_ledger(tmp_path)) == {"a", "c"}
+    ledger.ledger_path(tmp_path).write_text('{"key": "a"}\nnot json\n{"key": "c"}\n')
+    with pytest.raises(Exception, match="line 2"):
+        ledger.read_ledger(tmp_path)
+
+
+def _study(tmp_path: Path, **extra) -> Path:
+    main_store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
+    site = make_synthetic_store(tmp_path / "site.zarr", n=12, size=32, seed=5)
+    data = {
+        "name": "tiny", "out_dir": str(tmp_path / "out"), "results_dir": str(tmp_path / "results"), "seeds": [0, 1],
+        "budgets": ["1", "100%"], "arms": ["scratch", "end_to_end", "encoder_only", "ssl"], "jobs": 1, "bootstrap": 200,
+        "convergence": {"budgets": ["1"], "arms": ["scratch"], "factor": 2},
+        "ssl": {"steps": 3, "batch_size": 4},
+        "datasets": [{"name": "synth", "store": str(main_store), "targets": ["store"],
+                      "sites": [{"name": "other", "store": str(site)}]}],
+        "train": {
+            "base": "cpu_small", "model": {"encoder": TINY},
+            "pretrain": {"steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 0},
+            "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
+            "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
+            "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False},
+        },
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_study_end_to_end_and_resume(tmp_path):
+    path = _study(tmp_path)
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 0, res.output
+    rows = ledger.read_ledger(tmp_path / "results")
+    kinds = sorted((r["kind"], r["arm"]) for r in rows.values())
+    # per seed: 1 pretrain, 1 ssl, scratch / e2e / enc / ssl at n=1 and n=24 (100%), scratch x2 at n=1
+    assert kinds.count(("pretrain", "pretrain")) == 2 and kinds.count(("ssl", "ssl_pretrain")) == 2
+    assert kinds.count(("finetune", "scratch")) == 6 and kinds.count(("finetune", "ssl")) == 4
+    fine = [r for r in rows.values() if r["kind"] == "finetune"]
+    for r in fine:
+        assert set(r["evals"]) == {"test", "site:other"} and len(r["evals"]["site:other"]["ids"]) == 12
+        assert len(r["labeled_ids"]) == r["n_labels"]
+    # pairing: every arm of (seed, n) saw the same labeled images
+    by = {}
+    for r in fine:
+        by.setdefault((r["seed"], r["n_labels"]), set()).add(tuple(r["labeled_ids"]))
+    assert all(len(v) == 1 for v in by.values())
+    # the SSL checkpoint carries a trained encoder and loads into the fine-tune arm
+    ssl_final = torch.load(tmp_path / "out/runs/synth/ssl/seed0/pretrain/final.pt", weights_only=True)
+    assert ssl_final["mode"] == "encoder_only" and ssl_final["model_args"]["encoder_name"] == TINY
+    table = (tmp_path / "results" / "table.md").read_text()
+    for text in ("## synth", "Paired differences", "Cross-site", "Convergence check", "Compute", "SimCLR encoder",
+                 "Every arm of a (dataset, seed, labels) used the same labeled images"):
+        assert text in table, text
+    assert (tmp_path / "results" / "synth.png").stat().st_size > 1000
+    with (tmp_path / "results" / "results.csv").open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert {r["arm"] for r in csv_rows} >= {"floor", "zero_shot", "scratch", "end_to_end", "encoder_only", "ssl"}
+    # resume: a second call runs nothing; a lost ledger line is redone from the finished run folder
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert "0 to run" in res.output
+    lines = ledger.ledger_path(tmp_path / "results").read_text().splitlines()
+    ledger.ledger_path(tmp_path / "results").write_text("\n".join(lines[:-1]) + "\n")
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 0 and "1 to run" in res.output, res.output
+    assert len(ledger.read_ledger(tmp_path / "results")) == len(rows)
+
+
+def test_study_dry_run_and_bad_file(tmp_path):
+    path = _study(tmp_path)
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run", "--seeds", "0", "--arms", "scratch"])
+    assert res.exit_code == 0, res.output
+    todo = [line for line in res.output.splitlines() if line.startswith("todo")]
+    assert todo and all("scratch" in line for line in todo)
+    data = yaml.safe_load(path.read_text())
+    data["arms"] = ["scratch", "simclr"]
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "unknown arm" in res.output
+    data["arms"] = ["scratch"]
+    data["trian"] = {}
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "trian" in res.output

@@ -1,0 +1,171 @@
+"""Running the study's jobs: one at a time or in a process pool, each through the trainer, each recorded in the ledger.
+
+A job whose key is in the ledger is skipped. An interrupted job resumes from its stage checkpoints on the next
+call (the trainer's own resume), so an interruption loses at most the steps since the last checkpoint. A failed
+job is reported with its reason and the others go on; jobs that start from its checkpoint are skipped.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import medsass
+from medsass.trainer.config import load_config
+from medsass.trainer.run import plan_run, run_stages
+from medsass.trainer.study import ledger
+from medsass.trainer.study.jobs import Job
+from medsass.trainer.study.spec import SSLSpec
+
+from medsass.manifest import read_manifest
+
+COUNT_KEYS = ("tp", "fp", "fn")
+
+
+def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, Any]:
+    """Run one job (finished stages are skipped by the trainer) and return its ledger row."""
+    cfg = load_config(job.config)
+    row: dict[str, Any] = {
+        "key": job.key, "kind": job.kind, "dataset": job.dataset, "target": job.target, "arm": job.arm, "seed": job.seed,
+        "n_labels": job.n_labels, "budgets": job.budgets, "steps_factor": job.steps_factor, "encoder": cfg.model.encoder,
+        "pretrain_steps": cfg.pretrain.steps, "finetune_steps": cfg.finetune.steps, "batch_size": cfg.finetune.batch_size,
+        "medsass_version": medsass.__version__, "seconds": {},
+    }
+    t0 = time.time()
+    if job.kind == "ssl":
+        from medsass.trainer.study.ssl import run_ssl
+
+        row["ssl"] = run_ssl(cfg, ssl_spec, job.dir)
+        row["seconds"]["ssl"] = round(time.time() - t0, 1)
+        return row
+    if job.kind == "finetune":
+        ids = _sample_ids(cfg.stores["main"])
+        row["labeled_ids"] = sorted(ids[int(r)] for r in plan_run(cfg, ["finetune"])[0].rows["main"])
+        train_stage = "finetune"
+    else:
+        train_stage = "pretrain"
+    results = run_stages(cfg, [train_stage])
+    row["seconds"][train_stage] = round(time.time() - t0, 1)
+    row["train_metrics"] = results[train_stage].metrics
+    t1 = time.time()
+    run_stages(cfg, ["evaluate"])
+    row["evals"] = {"test": _per_image(Path(cfg.out_dir) / "evaluate" / "per_image.csv", "test")}
+    row["seconds"]["evaluate"] = round(time.time() - t1, 1)
+    t2 = time.time()
+    ckpt = Path(job.dir) / train_stage / ("best.pt" if job.kind == "finetune" else "final.pt")
+    for site, store in job.sites.items():
+        row["evals"][f"site:{site}"] = _evaluate_site(job, site, store, ckpt)
+    if job.sites:
+        row["seconds"]["sites"] = round(time.time() - t2, 1)
+    if job.kind == "finetune" and not keep_final:
+        (Path(job.dir) / "finetune" / "final.pt").unlink(missing_ok=True)
+    return row
+
+
+def _evaluate_site(job: Job, site: str, store: str, ckpt: Path) -> dict[str, Any]:
+    data = dict(job.config)
+    out = Path(job.dir) / f"site_{site}"
+    data.update(out_dir=str(out), stores={site: store})
+    data["evaluate"] = {**data.get("evaluate", {}), "checkpoint": str(ckpt), "splits": job.site_splits[site], "overlays": 0}
+    cfg = load_config(data)
+    run_stages(cfg, ["evaluate"])
+    per = out / "evaluate" / "per_image.csv"
+    merged: dict[str, Any] = {"ids": [], "counts": [], "floor_counts": []}
+    for split in job.site_splits[site]:
+        part = _per_image(per, split)
+        for k in merged:
+            merged[k] += part[k]
+    return merged
+
+
+def _per_image(path: Path, split: str) -> dict[str, Any]:
+    """Test ids (sorted) with their model and pseudo-mask (floor) confusion counts."""
+    with path.open() as fh:
+        rows = sorted((r for r in csv.DictReader(fh) if r["split"] == split), key=lambda r: r["sample_id"])
+    return {"ids": [r["sample_id"] for r in rows], "counts": [[int(r[k]) for k in COUNT_KEYS] for r in rows],
+            "floor_counts": [_floor(r) for r in rows]}
+
+
+def _floor(r: dict[str, str]) -> list[int]:
+    """The stored pseudo-mask's counts against the same target (empty when evaluate scored no floor)."""
+    return [int(r[f"pseudo_{k}"]) for k in COUNT_KEYS] if r.get("pseudo_tp", "") != "" else []
+
+
+def _sample_ids(store: str) -> dict[int, str]:
+    df = read_manifest(store)
+    df = df[df["row"] >= 0]
+    return {int(r): str(s) for r, s in zip(df["row"], df["sample_id"])}
+
+
+def _worker(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """Pool entry point: never raises, so one failed run does not stop the study."""
+    try:
+        return run_job(job, ssl_spec, keep_final), None
+    except Exception as exc:  # noqa: BLE001 - reported with the job, the others go on
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel: int = 1, keep_final: bool = False,
+            log=print) -> tuple[int, dict[str, str]]:
+    """Run the jobs whose key is not in the ledger (a job after the one it starts from); returns (ran, failures)."""
+    done = set(ledger.read_ledger(results_dir, repair=True))
+    todo = [j for j in jobs if j.key not in done]
+    log(f"{len(jobs)} runs: {len(jobs) - len(todo)} in the ledger, {len(todo)} to run, {n_parallel} at a time")
+    failed: dict[str, str] = {}
+    t0, n = time.time(), 0
+
+    def finish(job: Job, row: dict[str, Any] | None, err: str | None) -> None:
+        nonlocal n
+        n += 1
+        if err:
+            failed[job.key] = err
+            log(f"[{n}/{len(todo)}] FAILED {job.label}: {err}")
+            return
+        ledger.append(results_dir, row)
+        done.add(job.key)
+        test = row.get("evals", {}).get("test")
+        score = f"test IoU {_micro(test['counts']):.3f}" if test else f"{sum(row['seconds'].values()):.0f} s"
+        sites = " ".join(f"{k[5:]} {_micro(v['counts']):.3f}" for k, v in row.get("evals", {}).items() if k.startswith("site:"))
+        log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: {score} {sites} "
+            f"({sum(row['seconds'].values()):.0f} s)")
+
+    pending = list(todo)
+
+    def next_ready() -> Job | None:
+        for j in pending:
+            if j.needs in failed:
+                pending.remove(j)
+                finish(j, None, "the run it starts from failed")
+                return next_ready()
+        return next((j for j in pending if j.needs is None or j.needs in done), None)
+
+    if n_parallel == 1:
+        while pending:
+            job = next_ready()
+            if job is None:
+                break
+            pending.remove(job)
+            finish(job, *_worker(job, ssl_spec, keep_final))
+        return n, failed
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    running: dict[Any, Job] = {}
+    with ProcessPoolExecutor(max_workers=n_parallel, mp_context=mp.get_context("spawn")) as pool:
+        while pending or running:
+            while len(running) < n_parallel and (job := next_ready()) is not None:
+                pending.remove(job)
+                running[pool.submit(_worker, job, ssl_spec, keep_final)] = job
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                finish(running.pop(fut), *fut.result())
+    return n, failed
+
+
+def _micro(counts: list[list[int]]) -> float:
+    tp = sum(c[0] for c in counts)
+    den = sum(c[0] + c[1] + c[2] for c in counts)
+    return tp / den if den else 1.0

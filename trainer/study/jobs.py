@@ -1,0 +1,214 @@
+"""The study's grid: which runs exist, in which order, and what identifies each one.
+
+Three kinds of job, per dataset and seed:
+
+* ``pretrain`` (per pseudo-mask target): the U-Net pretrained on the pseudo-masks of the pool (every non-test
+  record); scored on the test split and on every site without fine-tuning (``zero_shot``), next to the stored
+  pseudo-masks themselves (``floor``).
+* ``ssl``: the encoder pretrained with SimCLR on the same pool, for the same number of steps.
+* ``finetune`` (per arm and label count): fine-tune on ``n`` labeled train images, keep the checkpoint with the
+  best val IoU, score it on the test split and on every site.
+
+The arms of one seed are paired: the trainer draws the label subset, the initial weights, the batch order and the
+augmentation from the run's seed, which is the same for every arm. A job's ``key`` hashes what its result depends
+on (schedule, model, data identity, the key of the pretrain job it starts from), not where files are, so the
+ledger in ``results_dir`` stays valid when the study moves to another machine or folder.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medsass.trainer.study.spec import PSEUDO_ARMS, Study, budget_count, parse_budget
+
+from medsass import configio
+from medsass.errors import MedsassError
+
+# Run order: the main comparison (the convergence check first, since it decides whether the schedule is long enough;
+# then pretraining, scratch and end-to-end) seed by seed; then the SSL baseline, encoder-only and the other targets.
+TIER = {"convergence": 0, "pretrain": 1, "scratch": 2, "end_to_end": 3, "ssl_pretrain": 4, "ssl": 5, "encoder_only": 6,
+        "other_target": 7}
+
+
+def _priority(tier: str, seed: int, *rest: int) -> tuple:
+    t = TIER[tier]
+    return (0, seed, t, *rest) if t <= TIER["end_to_end"] else (1, t, seed, *rest)
+
+
+@dataclass
+class StudyData:
+    """The stores of one dataset: target -> store path, and site -> store path."""
+
+    name: str
+    stores: dict[str, str]
+    sites: dict[str, str]
+    site_splits: dict[str, list[str]]
+    n_labeled_train: int
+
+    @property
+    def main_target(self) -> str:
+        return next(iter(self.stores))
+
+
+@dataclass
+class Job:
+    kind: str  # pretrain | ssl | finetune
+    dataset: str
+    target: str  # pseudo-mask method (scratch / ssl: the main target's store, no pseudo-masks used)
+    arm: str  # pretrain | ssl_pretrain | scratch | end_to_end | encoder_only | ssl
+    seed: int
+    dir: str
+    config: dict[str, Any]  # full trainer config data
+    identity: dict[str, Any]  # what the result depends on (hashed into key)
+    n_labels: int = 0
+    budgets: list[str] = field(default_factory=list)
+    steps_factor: int = 1  # > 1: a convergence-check run
+    needs: str | None = None  # key of the job this one starts from
+    sites: dict[str, str] = field(default_factory=dict)
+    site_splits: dict[str, list[str]] = field(default_factory=dict)
+    priority: tuple = ()
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.identity, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        extra = f" n={self.n_labels}" if self.kind == "finetune" else ""
+        extra += f" x{self.steps_factor} steps" if self.steps_factor > 1 else ""
+        return f"{self.dataset} {self.target} {self.arm} seed{self.seed}{extra}"
+
+
+def run_config(train: dict[str, Any], store: str, out_dir: Path, seed: int) -> dict[str, Any]:
+    cfg = copy.deepcopy(train)
+    cfg.update(out_dir=str(out_dir), stores={"main": store}, seed=seed)
+    for section in ("pretrain", "finetune", "evaluate", "runtime"):
+        cfg.setdefault(section, {})
+    cfg["pretrain"]["splits"] = ["train", "val"]  # the pool: every non-test record, labels unused
+    return cfg
+
+
+def _identity(cfg: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    data = {k: v for k, v in cfg.items() if k not in ("runtime", "out_dir", "stores")}
+    data["finetune"] = {k: v for k, v in data.get("finetune", {}).items() if k != "pretrained"}
+    return {**data, **extra}
+
+
+def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> list[Job]:
+    """Every job of the study, deduplicated, in run order (see ``TIER``: the main comparison first, seed by seed)."""
+    jobs: list[Job] = []
+    runs = Path(study.out_dir) / "runs"
+    prep = configio.to_dict(study.prep)
+    conv = study.convergence
+    for d_i, d in enumerate(data):
+        counts: dict[int, list[str]] = defaultdict(list)
+        for b in study.budgets:
+            counts[budget_count(b, d.n_labeled_train)].append(b)
+        other_counts = {budget_count(b, d.n_labeled_train) for b in study.other_targets.budgets}
+        conv_counts = {budget_count(b, d.n_labeled_train) for b in conv.budgets} if conv else set()
+        for seed in study.seeds:
+            def data_id(target: str) -> dict[str, Any]:
+                return {"dataset": d.name, "target": target, "prep": prep}
+
+            pre: dict[str, Job] = {}
+            for t_i, target in enumerate(d.stores):
+                arms = study.arms if t_i == 0 else study.other_targets.arms
+                if not any(a in PSEUDO_ARMS for a in arms):
+                    continue
+                base = runs / d.name / target / f"seed{seed}"
+                cfg = run_config(train, d.stores[target], base, seed)
+                cfg["evaluate"]["checkpoint"] = "pretrain"
+                ident = _identity({k: v for k, v in cfg.items() if k != "finetune"}, kind="pretrain", data=data_id(target))
+                pre[target] = Job("pretrain", d.name, target, "pretrain", seed, str(base), cfg, ident, sites=d.sites,
+                                  site_splits=d.site_splits,
+                                  priority=_priority("pretrain" if t_i == 0 else "other_target", seed, d_i, t_i, 0))
+                jobs.append(pre[target])
+            ssl_job = None
+            if "ssl" in study.arms:
+                base = runs / d.name / "ssl" / f"seed{seed}"
+                cfg = run_config(train, d.stores[d.main_target], base, seed)
+                ident = _identity({k: v for k, v in cfg.items() if k not in ("finetune", "evaluate")}, kind="ssl",
+                                  ssl=configio.to_dict(study.ssl), data=data_id(d.main_target))
+                ssl_job = Job("ssl", d.name, d.main_target, "ssl_pretrain", seed, str(base), cfg, ident,
+                              priority=_priority("ssl_pretrain", seed, d_i, 0))
+                jobs.append(ssl_job)
+            for n, names in sorted(counts.items()):
+                plan = [(t, a, 1) for t_i, t in enumerate(d.stores) for a in (study.arms if t_i == 0 else
+                        (study.other_targets.arms if n in other_counts else []))]
+                if conv and n in conv_counts:
+                    plan += [(d.main_target, a, conv.factor) for a in conv.arms]
+                for target, arm, factor in plan:
+                    jobs.append(_finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs,
+                                              data_id, d_i))
+    return _dedupe(jobs)
+
+
+def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i) -> Job:
+    main = target == d.main_target
+    if arm in ("scratch", "ssl"):
+        target = d.main_target
+    source = None if arm == "scratch" else ssl_job if arm == "ssl" else pre[target]
+    sub = f"n{n:03d}" + (f"_x{factor}" if factor > 1 else "")
+    out = runs / d.name / (target if arm in PSEUDO_ARMS else arm) / f"seed{seed}" / sub / (arm if arm in PSEUDO_ARMS else "")
+    cfg = run_config(train, d.stores[target], out, seed)
+    fc = cfg["finetune"]
+    fc.update(init="encoder_only" if arm == "ssl" else arm, label_count=n, label_fraction=None, subset_seed=None,
+              pretrained=None if arm == "scratch" else str(Path(source.dir) / "pretrain" / "final.pt"))
+    if factor > 1:  # the same schedule, stretched: factor x the steps (and warm-up)
+        fc["steps"] = _get_steps(train) * factor
+        fc["warmup_steps"] = int(fc.get("warmup_steps", 0)) * factor
+    cfg["evaluate"]["checkpoint"] = "best"
+    ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target), source=source.key if source else None)
+    conv = study.convergence
+    if conv and arm in conv.arms and n in {budget_count(b, d.n_labeled_train) for b in conv.budgets} and main:
+        tier = "convergence"  # both the long run and the run it checks
+    else:
+        tier = arm if main else "other_target"
+    return Job("finetune", d.name, target, arm, seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
+               steps_factor=factor, needs=source.key if source else None, sites=d.sites, site_splits=d.site_splits,
+               priority=_priority(tier, seed, d_i, n, factor))
+
+
+def _get_steps(train: dict[str, Any]) -> int:
+    from medsass.trainer.config import FinetuneConfig
+
+    return int(train.get("finetune", {}).get("steps", FinetuneConfig().steps))
+
+
+def _dedupe(jobs: list[Job]) -> list[Job]:
+    """Jobs that are the same work (e.g. a budget of "100%" and "50" on a small set) run once, with both budgets."""
+    unique: dict[str, Job] = {}
+    for j in jobs:
+        if j.key in unique:
+            u = unique[j.key]
+            if u.dir != j.dir:
+                raise MedsassError(f"one run would be written to two folders: {u.dir} and {j.dir}")
+            u.budgets = sorted(set(u.budgets) | set(j.budgets), key=_budget_order)
+            u.priority = min(u.priority, j.priority)
+        else:
+            unique[j.key] = j
+    dirs: dict[str, str] = {}
+    for j in unique.values():
+        if dirs.setdefault(j.dir, j.key) != j.key:
+            raise MedsassError(f"two different runs would share {j.dir}")
+    return sorted(unique.values(), key=lambda j: j.priority)
+
+
+def _budget_order(b: str) -> tuple[int, float]:
+    kind, v = parse_budget(b)
+    return (0 if kind == "count" else 1, v)
+
+
+def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=None, max_runs: int | None = None) -> list[Job]:
+    """A subset of the grid (with the pretrain jobs the chosen fine-tune jobs need)."""
+    keep = [j for j in jobs if (not datasets or j.dataset in datasets) and (seeds is None or j.seed in seeds)
+            and (j.kind != "finetune" or ((not arms or j.arm in arms) and (not budgets or set(j.budgets) & set(budgets))))]
+    needed = {j.needs for j in keep if j.kind == "finetune"}
+    keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not (arms or budgets)]
+    return keep[:max_runs] if max_runs else keep

@@ -1,0 +1,58 @@
+"""One figure per dataset: test IoU against labeled images (log x), one line per arm with its 95% interval; the
+pseudo-mask floor and the zero-shot model as dashed lines; a second panel per cross-site evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medsass.trainer.study.jobs import StudyData
+    from medsass.trainer.study.report import Index
+    from medsass.trainer.study.spec import Study
+
+STYLE = {"scratch": ("tab:gray", "o"), "end_to_end": ("tab:red", "s"), "encoder_only": ("tab:orange", "^"),
+         "ssl": ("tab:blue", "D")}
+
+
+def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medsass.atomic import atomic_open
+    from medsass.trainer.study.report import arm_label
+
+    wheres = ["test"] + [f"site:{s}" for s in d.sites]
+    fig, axes = plt.subplots(1, len(wheres), figsize=(6.5 * len(wheres), 4.5), squeeze=False)
+    drawn = False
+    lines = [(a, d.main_target) for a in ["scratch", *[a for a in study.arms if a != "scratch"]]]
+    lines += [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
+    for ax, where in zip(axes[0], wheres):
+        for i, (arm, target) in enumerate(lines):
+            pts = [(n, idx.arm((d.name, where, target, arm, n, 1), study.bootstrap)) for n in sorted(budgets)]
+            pts = [(n, e) for n, e in pts if e is not None]
+            if not pts:
+                continue
+            color, marker = STYLE.get(arm, ("tab:green", "v"))
+            ls = "-" if target == d.main_target else ":"
+            xs = [n for n, _ in pts]
+            ax.plot(xs, [e.mean for _, e in pts], ls, color=color, marker=marker, label=arm_label(arm, target, d.main_target))
+            ax.fill_between(xs, [e.lo for _, e in pts], [e.hi for _, e in pts], color=color, alpha=0.15)
+            drawn = True
+        for arm, color in (("floor", "black"), ("zero_shot", "tab:purple")):
+            e = idx.arm((d.name, where, d.main_target, arm, 0, 1), study.bootstrap)
+            if e is not None:
+                ax.axhline(e.mean, color=color, ls="--", lw=1, label=f"{arm_label(arm, d.main_target, d.main_target)} (no labels)")
+        ax.set_xscale("log")
+        ax.set_xlabel("labeled training images")
+        ax.set_ylabel("micro IoU")
+        ax.set_title(f"{d.name}: {'test split' if where == 'test' else where[5:] + ' (another site)'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    if drawn:
+        fig.tight_layout()
+        with atomic_open(path) as fh:
+            fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+    return drawn

@@ -1,0 +1,245 @@
+"""The study's report, from the ledger alone: ``results.csv``, ``table.md`` and ``<dataset>.png`` in ``results_dir``.
+
+Only ledger rows whose key belongs to the current grid are used (a row of an older schedule is ignored, not
+mixed in). Each table cell is the seed-mean micro test IoU ± sd over seeds; each difference is paired (same
+seeds, same test images) with a 95% bootstrap interval, in bold where the interval excludes zero.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from medsass.trainer.study import ledger
+from medsass.trainer.study.jobs import Job, StudyData
+from medsass.trainer.study.spec import Study
+from medsass.trainer.study.stats import Estimate, estimate, micro_iou, paired_difference
+from medsass.trainer.study.stores import prep_seconds
+
+from medsass.atomic import atomic_write_bytes
+
+ARM_NAMES = {"floor": "pseudo-mask floor", "zero_shot": "zero-shot", "scratch": "scratch", "end_to_end": "end-to-end",
+             "encoder_only": "encoder-only", "ssl": "SimCLR encoder"}
+CSV_COLUMNS = ["dataset", "target", "arm", "seed", "n_labels", "budgets", "steps_factor", "eval", "iou",
+               "iou_per_image_mean", "n_images", "seconds_train", "seconds_evaluate", "labeled_ids", "key"]
+
+
+def arm_label(arm: str, target: str, main_target: str) -> str:
+    name = ARM_NAMES.get(arm, arm)
+    return f"{name} ({target})" if arm in ("end_to_end", "encoder_only", "floor", "zero_shot") and target != main_target else name
+
+
+def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[dict[str, Any]]:
+    """One entry per (run, evaluation): pretrain rows give a floor and a zero-shot entry; SSL rows none."""
+    out = []
+    for job in jobs:
+        row = rows.get(job.key)
+        if row is None or "evals" not in row:
+            continue
+        for where, ev in row["evals"].items():
+            base = {"dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
+                    "budgets": job.budgets, "steps_factor": job.steps_factor, "eval": where, "ids": ev["ids"], "key": job.key,
+                    "seconds": row["seconds"], "labeled_ids": row.get("labeled_ids", [])}
+            if job.kind == "pretrain":
+                out.append({**base, "arm": "zero_shot", "counts": np.array(ev["counts"])})
+                if ev["floor_counts"] and all(ev["floor_counts"]):
+                    out.append({**base, "arm": "floor", "counts": np.array(ev["floor_counts"])})
+            else:
+                out.append({**base, "arm": job.arm, "counts": np.array(ev["counts"])})
+    return out
+
+
+def _per_image_mean(counts: np.ndarray) -> float:
+    c = counts.astype(np.float64)
+    den = c.sum(1)
+    return float(np.where(den > 0, c[:, 0] / np.maximum(den, 1), 1.0).mean())
+
+
+def write_csv(runs: list[dict[str, Any]], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    for r in runs:
+        w.writerow({**{k: r.get(k, "") for k in CSV_COLUMNS}, "budgets": " ".join(r["budgets"]),
+                    "iou": f"{micro_iou(r['counts']):.4f}", "iou_per_image_mean": f"{_per_image_mean(r['counts']):.4f}",
+                    "n_images": len(r["counts"]), "seconds_train": r["seconds"].get("finetune", r["seconds"].get("pretrain", "")),
+                    "seconds_evaluate": r["seconds"].get("evaluate", ""), "labeled_ids": " ".join(r["labeled_ids"])})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+class Index:
+    """(dataset, eval, target, arm, n, factor) -> seed -> counts, with the ids they are ordered by."""
+
+    def __init__(self, runs: list[dict[str, Any]]):
+        self.counts: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
+        self.ids: dict[tuple, tuple] = {}
+        for r in runs:
+            k = (r["dataset"], r["eval"], r["target"], r["arm"], r["n_labels"], r["steps_factor"])
+            self.counts[k][r["seed"]] = r["counts"]
+            self.ids[(r["dataset"], r["eval"])] = tuple(r["ids"])
+
+    def arm(self, key: tuple, reps: int) -> Estimate | None:
+        by_seed = self.counts.get(key)
+        return estimate(np.stack([by_seed[s] for s in sorted(by_seed)]), reps=reps) if by_seed else None
+
+    def diff(self, a: tuple, b: tuple, reps: int) -> Estimate | None:
+        sa, sb = self.counts.get(a, {}), self.counts.get(b, {})
+        seeds = sorted(set(sa) & set(sb))
+        if not seeds:
+            return None
+        return paired_difference(np.stack([sa[s] for s in seeds]), np.stack([sb[s] for s in seeds]), reps=reps)
+
+
+def fmt(e: Estimate | None, signed: bool = False) -> str:
+    if e is None:
+        return "—"
+    sd = "" if np.isnan(e.sd) else f" ± {e.sd:.3f}"
+    return f"{e.mean:+.3f}{sd}" if signed else f"{e.mean:.3f}{sd} ({e.n_seeds})"
+
+
+def fmt_diff(e: Estimate | None) -> str:
+    if e is None:
+        return "—"
+    text = f"{e.mean:+.3f} [{e.lo:+.3f}, {e.hi:+.3f}]"
+    return f"**{text}**" if e.excludes_zero else text
+
+
+def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
+    """The arm table and the paired differences of one dataset on one evaluation (test split or a site)."""
+    main, reps = d.main_target, study.bootstrap
+    arms = [("scratch", main)] + [(a, main) for a in study.arms if a != "scratch"]
+    arms += [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
+    key = lambda arm, t, n, f=1: (d.name, where, t, arm, n, f)  # noqa: E731
+    lines = ["| labels | " + " | ".join(arm_label(a, t, main) for a, t in arms) + " |",
+             "|---:|" + "---:|" * len(arms)]
+    for t in d.stores:
+        for arm in ("floor", "zero_shot"):
+            e = idx.arm(key(arm, t, 0), reps)
+            if e is not None:
+                lines.append(f"| {arm_label(arm, t, main)} (no labels) | {fmt(e)} |" + " |" * (len(arms) - 1))
+    for n, names in sorted(budgets.items()):
+        cells = [fmt(idx.arm(key(a, t, n), reps)) for a, t in arms]
+        lines.append(f"| {n} ({', '.join(names)}) | " + " | ".join(cells) + " |")
+    pairs = [(("end_to_end", main), ("scratch", main)), (("encoder_only", main), ("scratch", main)),
+             (("ssl", main), ("scratch", main)), (("end_to_end", main), ("ssl", main)),
+             (("end_to_end", main), ("encoder_only", main))]
+    pairs += [(("end_to_end", main), ("end_to_end", t)) for t in list(d.stores)[1:]]
+    pairs = [p for p in pairs if any(idx.counts.get(key(p[0][0], p[0][1], n)) for n in budgets)]
+    if pairs:
+        lines += ["", "Paired differences (seed-mean micro IoU, 95% bootstrap interval over test images and seeds; "
+                  "**bold**: the interval excludes 0):", "",
+                  "| labels | " + " | ".join(f"{arm_label(*a, main)} − {arm_label(*b, main)}" for a, b in pairs) + " |",
+                  "|---:|" + "---:|" * len(pairs)]
+        for n, names in sorted(budgets.items()):
+            cells = [fmt_diff(idx.diff(key(*a, n), key(*b, n), reps)) for a, b in pairs]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gap_closed(d: StudyData, idx: Index, budgets: dict[int, list[str]], reps: int) -> list[str]:
+    """How much of the gap between scratch at n labels and scratch with every label end-to-end pretraining closes."""
+    full = max(budgets)
+    top = idx.arm((d.name, "test", d.main_target, "scratch", full, 1), reps)
+    if top is None:
+        return []
+    lines = []
+    for n in sorted(budgets):
+        if n == full:
+            continue
+        s = idx.arm((d.name, "test", d.main_target, "scratch", n, 1), reps)
+        e = idx.arm((d.name, "test", d.main_target, "end_to_end", n, 1), reps)
+        if s is None or e is None or top.mean - s.mean <= 0:
+            continue
+        lines.append(f"- {n} labels: scratch {s.mean:.3f}, end-to-end {e.mean:.3f}, all {full} labels {top.mean:.3f}: "
+                     f"end-to-end closes {100 * (e.mean - s.mean) / (top.mean - s.mean):.0f}% of the gap")
+    return lines
+
+
+def convergence(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]]) -> list[str]:
+    conv = study.convergence
+    if not conv:
+        return []
+    lines = [f"| arm | labels | {conv.factor}x steps − 1x (per seed) | mean | converged (< {conv.tolerance}) |",
+             "|---|---:|---|---:|---|"]
+    for arm in conv.arms:
+        for n in sorted(budgets):
+            short = idx.counts.get((d.name, "test", d.main_target, arm, n, 1), {})
+            long = idx.counts.get((d.name, "test", d.main_target, arm, n, conv.factor), {})
+            seeds = sorted(set(short) & set(long))
+            if not seeds:
+                continue
+            diffs = [micro_iou(long[s]) - micro_iou(short[s]) for s in seeds]
+            ok = "yes" if abs(float(np.mean(diffs))) < conv.tolerance else "**no**"
+            lines.append(f"| {ARM_NAMES[arm]} | {n} | {', '.join(f'{x:+.4f}' for x in diffs)} | {np.mean(diffs):+.4f} | {ok} |")
+    return lines if len(lines) > 2 else []
+
+
+def compute(d: StudyData, rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[str]:
+    parts: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for j in jobs:
+        r = rows.get(j.key)
+        if r is None or j.dataset != d.name:
+            continue
+        count[j.kind] += 1
+        for part, sec in r["seconds"].items():
+            parts[f"{j.kind}: {part}"] += sec
+    for t, store in d.stores.items():
+        parts[f"prep ({t})"] += prep_seconds(store) or 0.0
+    total = sum(parts.values())
+    return ([f"Runs finished: {', '.join(f'{v} {k}' for k, v in sorted(count.items()))}; wall time "
+             f"{total / 3600:.2f} h in all (runs in parallel overlap):", ""]
+            + [f"- {k}: {v / 60:.1f} min" for k, v in sorted(parts.items())])
+
+
+def pairing_problems(runs: list[dict[str, Any]]) -> list[str]:
+    labeled: dict[tuple, set] = defaultdict(set)
+    tests: dict[tuple, set] = defaultdict(set)
+    for r in runs:
+        tests[(r["dataset"], r["eval"])].add(tuple(r["ids"]))
+        if r["n_labels"]:
+            labeled[(r["dataset"], r["seed"], r["n_labels"])].add(tuple(r["labeled_ids"]))
+    return ([f"{k}: {len(v)} different test sets" for k, v in tests.items() if len(v) > 1]
+            + [f"{k}: arms used {len(v)} different label subsets" for k, v in labeled.items() if len(v) > 1])
+
+
+def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print) -> None:
+    from medsass.trainer.study.plot import plot_dataset
+    from medsass.trainer.study.spec import budget_count
+
+    out = Path(study.results_dir)
+    rows = ledger.read_ledger(out)
+    runs = runs_from_ledger(rows, jobs)
+    write_csv(runs, out / "results.csv")
+    idx = Index(runs)
+    md = [f"# Study {study.name}: generated by `medsass-train study` from {ledger.LEDGER}; do not edit", ""]
+    for d in data:
+        budgets: dict[int, list[str]] = defaultdict(list)
+        for b in study.budgets:
+            budgets[budget_count(b, d.n_labeled_train)].append(b)
+        n_test = len(idx.ids.get((d.name, "test"), ()))
+        md += [f"## {d.name}", "", f"Test split: {n_test} labeled images. Micro IoU, mean ± sd over seeds (number of seeds).", ""]
+        md += dataset_section(study, d, idx, budgets, "test")
+        gap = gap_closed(d, idx, budgets, study.bootstrap)
+        if gap:
+            md += ["", "Gap to the all-labels model closed by end-to-end pretraining:", "", *gap]
+        for site in d.sites:
+            n_site = len(idx.ids.get((d.name, f"site:{site}"), ()))
+            md += ["", f"### Cross-site: {d.name} models on {site} ({n_site} labeled images, never trained on)", ""]
+            md += dataset_section(study, d, idx, budgets, f"site:{site}")
+        conv = convergence(study, d, idx, budgets)
+        if conv:
+            md += ["", "### Convergence check (scratch, test IoU)", "", *conv]
+        md += ["", "### Compute", "", *compute(d, rows, jobs), ""]
+        png = out / f"{d.name}.png"
+        if plot_dataset(study, d, idx, budgets, png):
+            md += [f"![{d.name}]({png.name})", ""]
+    problems = pairing_problems(runs)
+    md += ["## Pairing check", "", *(f"- {p}" for p in problems)] if problems else \
+          ["## Pairing check", "", "Every arm of a (dataset, seed, labels) used the same labeled images; every run of a "
+           "dataset was scored on the same test images."]
+    atomic_write_bytes(out / "table.md", ("\n".join(md) + "\n").encode())
+    log(f"report: {out / 'table.md'} ({len(runs)} evaluations from {len(rows)} ledger lines)")

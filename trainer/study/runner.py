@@ -1,0 +1,78 @@
+"""One study file end to end: stores -> grid -> jobs not yet in the ledger -> report."""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from medsass.trainer.study import ledger
+from medsass.trainer.study.execute import execute
+from medsass.trainer.study.jobs import Job, StudyData, make_jobs, select
+from medsass.trainer.study.spec import Study, load_study
+from medsass.trainer.study.stores import dataset_stores, labeled_train_count, site_store, split_counts
+
+from medsass.manifest import write_json
+
+
+@dataclass
+class StudyOutcome:
+    jobs: list[Job]
+    ran: int
+    failed: dict[str, str]
+
+
+def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[StudyData]:
+    """Build (or find) every store of the chosen datasets."""
+    out = []
+    for spec in study.datasets:
+        if datasets and spec.name not in datasets:
+            continue
+        stores = dataset_stores(study, spec, log)
+        main = next(iter(stores.values()))
+        sites = {s.name: site_store(study, s, spec.targets[0], log) for s in spec.sites}
+        out.append(StudyData(spec.name, stores, sites, {s.name: s.splits for s in spec.sites}, labeled_train_count(main)))
+        counts = split_counts(main)
+        log(f"{spec.name}: {counts['pool']} pool records (train + val), {counts['val_labeled']} labeled val, "
+            f"{counts['test_labeled']} labeled test, {counts['train_labeled']} labeled train; sites: {', '.join(sites) or 'none'}")
+    return out
+
+
+def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[str] = (), seeds: Sequence[int] | None = None,
+              arms: Sequence[str] = (), budgets: Sequence[str] = (), max_runs: int | None = None, dry_run: bool = False, report_only: bool = False,
+              log=print) -> StudyOutcome:
+    study, train = load_study(path, list(overrides))
+    data = prepare(study, datasets, log)
+    jobs = make_jobs(study, train, data)
+    chosen = select(jobs, datasets=datasets, seeds=seeds, arms=arms, budgets=budgets, max_runs=max_runs)
+    done = ledger.read_ledger(study.results_dir)
+    if dry_run:
+        for j in chosen:
+            log(f"{'done' if j.key in done else 'todo'}  {j.key}  {j.label}  -> {j.dir}")
+        return StudyOutcome(chosen, 0, {})
+    ran, failed = 0, {}
+    if not report_only:
+        t0 = time.time()
+        ran, failed = execute(chosen, study.results_dir, ssl_spec=study.ssl, n_parallel=study.jobs,
+                              keep_final=study.keep_final, log=log)
+        _history(study, overrides, ran, failed, time.time() - t0)
+    from medsass.trainer.study.report import write_report
+
+    write_report(study, data, jobs, log=log)
+    return StudyOutcome(chosen, ran, failed)
+
+
+def _history(study: Study, overrides: Sequence[str], ran: int, failed: dict[str, str], seconds: float) -> None:
+    """One line per invocation in ``<results_dir>/history.jsonl`` (the commands that made the ledger)."""
+    import json
+    from pathlib import Path
+
+    path = Path(study.results_dir) / "history.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": shlex.join(["medsass-train", *sys.argv[1:]]),
+             "overrides": list(overrides), "ran": ran, "failed": len(failed), "seconds": round(seconds, 1)}
+    with path.open("a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    if failed:
+        write_json(failed, Path(study.out_dir) / "failures.json")

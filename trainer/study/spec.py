@@ -1,0 +1,189 @@
+"""The study file: a typed dataclass, loaded from YAML plus ``--set a.b=c`` (unknown keys are errors).
+
+A study file names the datasets (a dataset file from data_manifests/ or an existing store), the arms, the
+label budgets, the seeds, the training schedule (a trainer config, ``base: cpu_small`` allowed) and where
+runs and results go. Relative paths are relative to the study file's folder. Example:
+``benchmarks/studies/scale_cpu.yaml``; every key is below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medsass import configio
+from medsass.errors import ConfigError
+
+# Fine-tuning arms. Pseudo-mask arms start from a pretrain run on one threshold method's pseudo-masks.
+PSEUDO_ARMS = ("end_to_end", "encoder_only")
+ARMS = ("scratch", *PSEUDO_ARMS, "ssl")
+# Rows without fine-tuning, made by every pretrain job: the stored pseudo-masks and the pretrained model as they are.
+NO_LABEL_ARMS = ("floor", "zero_shot")
+
+
+@dataclass
+class StoreSpec:
+    """A dataset file (built per threshold method with the study's prep settings) or an existing store."""
+
+    name: str
+    dataset: str | None = None  # data_manifests/NAME.yaml: one store is built per method
+    store: str | None = None  # or an existing medsass store (its own pseudo-masks; then targets: [store])
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.store is None):
+            raise ValueError(f"{self.name!r}: give exactly one of dataset (a dataset file) or store (a built store)")
+
+
+@dataclass
+class SiteSpec(StoreSpec):
+    """Another site's store, never trained on: every fine-tuned model is scored on its labeled records."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # all of it: the model never saw any
+
+
+@dataclass
+class DatasetSpec(StoreSpec):
+    # threshold methods pretrained on; the first is the main target (the default recipe), the others are compared on
+    # ``other_targets.arms`` / ``other_targets.budgets`` only
+    targets: list[str] = field(default_factory=lambda: ["fov_otsu_hull"])
+    sites: list[SiteSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.targets:
+            raise ValueError(f"dataset {self.name!r}: targets must name at least one threshold method")
+        if self.store is not None and self.targets != ["store"]:
+            raise ValueError(f"dataset {self.name!r} is an existing store: its pseudo-masks are fixed; set targets: [store]")
+
+
+@dataclass
+class PrepSpec:
+    size: int = 128  # stored image size (a multiple of 32)
+    salt: str = "medsass-study"  # fixed, so the grouped splits of a dataset's stores are identical
+    workers: int = 1  # Dask workers for prep
+    overrides: list[str] = field(default_factory=list)  # more dataset-file keys, e.g. threshold.polarity=dark
+
+
+@dataclass
+class OtherTargets:
+    arms: list[str] = field(default_factory=lambda: ["end_to_end"])
+    budgets: list[str] = field(default_factory=lambda: ["1", "5", "25"])
+
+
+@dataclass
+class SSLSpec:
+    """The self-supervised baseline: SimCLR (lightly's NT-Xent loss and projection head) on the encoder."""
+
+    method: Literal["simclr"] = "simclr"
+    steps: int | None = None  # null: pretrain.steps (the same compute budget as pseudo-mask pretraining)
+    batch_size: int | None = None  # images per step (two views each); null: pretrain.batch_size
+    lr: float = 3e-4
+    temperature: float = 0.2
+    projection_dim: int = 128
+    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])  # RandomResizedCrop area range
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError("ssl.temperature and ssl.lr must be > 0")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"ssl.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class ConvergenceSpec:
+    """The convergence check: scratch (or other arms) re-run with ``factor`` x the fine-tune steps."""
+
+    budgets: list[str] = field(default_factory=lambda: ["10", "100%"])
+    arms: list[str] = field(default_factory=lambda: ["scratch"])
+    factor: int = 2
+    tolerance: float = 0.01  # |IoU(long) - IoU(short)| below this: converged
+
+
+@dataclass
+class Study:
+    out_dir: str  # stores and runs (large; keep it outside git)
+    results_dir: str  # results.jsonl (the ledger; commit it), results.csv, tables, plots
+    datasets: list[DatasetSpec]
+    train: dict[str, Any]  # a trainer config without out_dir / stores / seed (``base: cpu_small`` allowed)
+    name: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    budgets: list[str] = field(default_factory=lambda: ["1", "2", "5", "10", "25", "50", "100%"])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    other_targets: OtherTargets = field(default_factory=OtherTargets)
+    ssl: SSLSpec = field(default_factory=SSLSpec)
+    convergence: ConvergenceSpec | None = field(default_factory=ConvergenceSpec)
+    prep: PrepSpec = field(default_factory=PrepSpec)
+    jobs: int = 1  # training runs in parallel (processes); each uses train.runtime.threads threads
+    keep_final: bool = False  # keep each fine-tune run's final.pt (best.pt, the one evaluated, is always kept)
+    bootstrap: int = 2000  # resamples for the paired intervals
+
+    def __post_init__(self) -> None:
+        for b in self.budgets + self.other_targets.budgets + (self.convergence.budgets if self.convergence else []):
+            parse_budget(b)
+        arms = self.arms + self.other_targets.arms + (self.convergence.arms if self.convergence else [])
+        bad = [a for a in arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; arms are {', '.join(ARMS)}")
+        if any(a not in PSEUDO_ARMS for a in self.other_targets.arms):
+            raise ValueError(f"other_targets.arms may hold only {', '.join(PSEUDO_ARMS)} (the others use no pseudo-masks)")
+        if self.jobs < 1 or not self.seeds or self.bootstrap < 100:
+            raise ValueError("jobs must be >= 1, seeds non-empty and bootstrap >= 100")
+        if self.convergence and self.convergence.factor < 2:
+            raise ValueError("convergence.factor must be >= 2")
+        names = [d.name for d in self.datasets] + [s.name for d in self.datasets for s in d.sites]
+        if len(set(d.name for d in self.datasets)) != len(self.datasets):
+            raise ValueError(f"dataset names must be unique: {names}")
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``"5"`` -> ("count", 5); ``"10%"`` -> ("fraction", 0.1)."""
+    t = str(text).strip()
+    try:
+        if t.endswith("%"):
+            v = float(t[:-1]) / 100
+            if 0 < v <= 1:
+                return "fraction", v
+        elif int(t) >= 1:
+            return "count", int(t)
+    except ValueError:
+        pass
+    raise ValueError(f"budget {text!r}: use a label count (5) or a percentage of the labeled train split (10%)")
+
+
+def budget_count(text: str, n_available: int) -> int:
+    """How many labeled train images a budget means (at most all of them, at least one)."""
+    kind, v = parse_budget(text)
+    n = int(v) if kind == "count" else round(v * n_available)
+    return max(1, min(n, n_available))
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict[str, Any]]:
+    """The study and its merged trainer config data (``train.base`` resolved); paths made absolute."""
+    from medsass.trainer.config import merge, read_config_data
+
+    path = Path(path).resolve()
+    study = configio.load(Study, configio.read_yaml(path), list(overrides))
+    base = path.parent
+
+    def res(p: str | None) -> str | None:
+        return None if p is None else p if Path(p).is_absolute() else str((base / p).resolve())
+
+    study.out_dir, study.results_dir = res(study.out_dir), res(study.results_dir)
+    for d in study.datasets:
+        d.dataset, d.store = res(d.dataset), res(d.store)
+        for s in d.sites:
+            s.dataset, s.store = res(s.dataset), res(s.store)
+    train = dict(study.train)
+    parent = train.pop("base", None)
+    if parent is not None:
+        local = base / str(parent)
+        train = merge(read_config_data(local if local.exists() else parent), train)
+    for key in ("out_dir", "stores", "seed", "stages"):
+        train.pop(key, None)  # set per run
+    from medsass.trainer.config import load_config
+
+    try:  # the schedule must be a valid trainer config on its own
+        load_config({**train, "out_dir": "x", "stores": {"main": "x"}})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: train: {exc}") from None
+    return study, train
