@@ -110,11 +110,16 @@ class FinetuneConfig(StageConfig):
     label_fraction: float | None = None  # seeded subset of labeled train records (0.01, 0.1, 1.0); null = all
     label_count: int | None = None  # or a fixed number of them (not both)
     subset_seed: int | None = None  # seed of the subset; null = the run's seed
+    # or exactly these records: a picks.csv (column sample_id; others ignored) or a text file, one sample id per line
+    labeled_ids: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.label_fraction is not None and self.label_count is not None:
             raise ValueError("set label_fraction or label_count, not both (null one of them)")
+        if self.labeled_ids is not None and (self.label_fraction is not None or self.label_count is not None):
+            raise ValueError("labeled_ids lists the records to fine-tune on; it replaces label_fraction / label_count, "
+                             "so null those (or null labeled_ids)")
         if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.label_count is not None and self.label_count < 1:
@@ -273,7 +278,12 @@ def stage_section(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     loss = configio.to_dict(cfg.loss)
     if loss["soft_labels"] == "threshold":  # added later: at its default it must not change older runs' sections
         del loss["soft_labels"]
-    return {**common, "stores": stores, "loss": loss, stage: configio.to_dict(getattr(cfg, stage))}
+    section = {**common, "stores": stores, "loss": loss, stage: configio.to_dict(getattr(cfg, stage))}
+    if stage == "finetune" and cfg.finetune.labeled_ids:  # the ids in the file, not only its path, decide the rows
+        from medsass.trainer.records import read_sample_ids, sample_ids_digest
+
+        section["labeled_ids_sha256"] = sample_ids_digest(read_sample_ids(cfg.finetune.labeled_ids))
+    return section
 
 
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from medsass.trainer.records import (
+    check_sample_ids,
     epoch_blocks,
     epoch_order,
     label_subset,
     plan_blocks,
+    read_sample_ids,
     select_rows,
 )
 from medsass.trainer.stream import (
@@ -37,8 +39,8 @@ from medsass import store as store_mod
 from medsass.errors import ConfigError
 
 __all__ = [
-    "ArrayReader", "ShardStream", "Source", "epoch_blocks", "epoch_order", "iter_eval", "label_subset",
-    "make_loader", "plan_blocks", "read_rows", "select_rows",
+    "ArrayReader", "ShardStream", "Source", "check_sample_ids", "epoch_blocks", "epoch_order", "iter_eval",
+    "label_subset", "make_loader", "plan_blocks", "read_rows", "read_sample_ids", "select_rows",
 ]
 
 

@@ -1,6 +1,7 @@
 """Which records to train on, and in which order: pure functions of the manifest and row indices.
 
-* :func:`select_rows` picks rows from a store's manifest (split, status, degenerate, labels, label budgets).
+* :func:`select_rows` picks rows from a store's manifest (split, status, degenerate, labels, label budgets, or
+  exactly the records of a list of sample ids: :func:`read_sample_ids`, :func:`check_sample_ids`).
 * :func:`plan_blocks` groups selected rows into read blocks (the selected rows of one shard, split
   further when there are too few shards for the consumers).
 * :func:`epoch_blocks` / :func:`epoch_order` give one consumer's (rank x dataloader worker) share of
@@ -94,6 +95,7 @@ def select_rows(
     require_label: bool = False,
     label_fraction: float | None = None,
     label_count: int | None = None,
+    sample_ids: Sequence[str] | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """Sorted int64 row indices of ``status == 'ok'`` records of ``store`` in ``splits``.
@@ -103,8 +105,12 @@ def select_rows(
     A 'pseudo_labels/<name>' target with a sidecar table (:func:`pseudo_label_sidecar`) keeps only
     the rows the sidecar lists and takes their ``degenerate`` flag from it.
     ``label_fraction`` (0 < f <= 1) or ``label_count`` keep a seeded, nested subset of the labeled
-    rows (and imply ``require_label``); see :func:`label_subset`.
+    rows (and imply ``require_label``); see :func:`label_subset`. ``sample_ids`` keeps exactly the labeled
+    records with those ids instead (implies ``require_label``; :func:`check_sample_ids` says what is wrong
+    with ids that select nothing).
     """
+    if sample_ids is not None and (label_fraction is not None or label_count is not None):
+        raise ConfigError("give sample_ids (finetune.labeled_ids) or label_fraction / label_count, not both")
     check_target(target)
     if isinstance(splits, str):
         splits = [splits]
@@ -123,11 +129,17 @@ def select_rows(
     if not keep.any():
         present = sorted(set(df.loc[df["status"] == "ok", "split"]))
         raise StoreError(f"no stored records in {where} (splits present: {present}); rebuild the store or pick another split")
-    labels_only = require_label or target == store_mod.LABEL or label_fraction is not None or label_count is not None
+    labels_only = (require_label or target == store_mod.LABEL or label_fraction is not None or label_count is not None
+                   or sample_ids is not None)
     if labels_only:
         keep &= df["has_label"].to_numpy(bool)
         if not keep.any():
-            raise StoreError(f"no labeled records in {where}: build the store with --labels")
+            raise StoreError(f"no labeled records in {where}: build the store with --labels, or add them with "
+                             f"`medsass-prep add-labels {store} --labels DIR`")
+        if sample_ids is not None:
+            keep &= df["sample_id"].isin(list(sample_ids)).to_numpy()
+            if not keep.any():
+                raise StoreError(f"none of the {len(sample_ids)} listed sample ids is a labeled record in {where}")
     elif exclude_degenerate:
         n_before = int(keep.sum())
         keep &= ~df["degenerate"].to_numpy(bool)
@@ -140,6 +152,75 @@ def select_rows(
     if label_fraction is not None or label_count is not None:
         rows = label_subset(rows, seed=seed, fraction=label_fraction, count=label_count)
     return rows.astype(np.int64)
+
+
+def read_sample_ids(path: str | Path, *, key: str = "finetune.labeled_ids") -> list[str]:
+    """Sample ids, in file order without repeats, from a CSV with a ``sample_id`` column (e.g. the picks.csv of
+    ``medsass-train suggest``; other columns are ignored) or a text file with one id per line (blank lines and
+    lines starting with ``#`` skipped)."""
+    import csv
+    import io
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}: {p} does not exist; give a picks.csv (column sample_id) or a text file with one "
+                          "sample id per line")
+    text = p.read_text(encoding="utf-8-sig")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    header = [h.strip() for h in next(csv.reader([first]), [])]
+    if "sample_id" in header:
+        reader = csv.reader(io.StringIO(text))
+        col = [h.strip() for h in next(reader)].index("sample_id")
+        ids = [row[col].strip() for row in reader if len(row) > col]
+    else:
+        ids = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+    ids = list(dict.fromkeys(i for i in ids if i))
+    if not ids:
+        raise ConfigError(f"{key}: {p} lists no sample ids (a CSV needs a sample_id column; a text file one id per line)")
+    return ids
+
+
+def sample_ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of a set of sample ids (order and repeats do not matter)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()
+
+
+def check_sample_ids(stores: dict[str, str | Path], ids: Sequence[str], *, splits: Sequence[str], source: str,
+                     key: str = "finetune.labeled_ids") -> None:
+    """Raise ConfigError unless every id is a stored, labeled record in ``splits`` of one of ``stores`` and every
+    store has at least one; the message names the ids and what to do about them."""
+    usable: set[str] = set()
+    why: dict[str, str] = {}
+    empty = []
+    for name, path in stores.items():
+        df = manifest_mod.read_manifest(path)
+        df = df[df["sample_id"].isin(list(ids))]
+        ok = df[(df["status"] == "ok") & (df["row"] >= 0)]
+        good = ok[ok["has_label"].astype(bool) & ok["split"].isin(list(splits))]
+        usable |= set(good["sample_id"])
+        if good.empty:
+            empty.append(name)
+        for sid, st, split, has in zip(df["sample_id"], df["status"], df["split"], df["has_label"]):
+            if st != "ok":
+                why.setdefault(sid, f"not stored in store {name!r} ({st} at build-masks)")
+            elif split not in splits:
+                why.setdefault(sid, f"in split {split!r} of store {name!r}, not in finetune.splits {list(splits)}")
+            elif not has:
+                why.setdefault(sid, f"no label yet in store {name!r} (add the masks with `medsass-prep add-labels {path} "
+                                    "--labels DIR`)")
+    bad = [i for i in ids if i not in usable]
+    if bad:
+        groups: dict[str, list[str]] = {}
+        for i in bad:
+            groups.setdefault(why.get(i, f"not a sample_id of store(s) {list(stores)} (was the file made for them?)"), []).append(i)
+        parts = [f"{reason}: {', '.join(g[:5])}" + (f" and {len(g) - 5} more" if len(g) > 5 else "") for reason, g in groups.items()]
+        raise ConfigError(f"{key}: {len(bad)} of the {len(ids)} ids in {source} are not labeled records to fine-tune "
+                          "on; " + "; ".join(parts))
+    if empty:
+        raise ConfigError(f"{key}: {source} lists no record of finetune store(s) {empty}; give them weight 0 in "
+                          "finetune.stores, or list some of their records")
 
 
 def pseudo_label_sidecar(store: str | Path, target: str):

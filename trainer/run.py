@@ -178,6 +178,13 @@ def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) 
     if len(set(sizes.values())) > 1:
         raise ConfigError(f"{stage}.stores mixes image sizes {sizes}; rebuild the stores at one --size")
     plan.image_size = next(iter(sizes.values()))
+    ids = None
+    if stage == "finetune" and config.finetune.labeled_ids:  # exactly these records
+        from medsass.trainer.data import check_sample_ids, read_sample_ids
+
+        ids = read_sample_ids(config.finetune.labeled_ids)
+        check_sample_ids({n: config.stores[n] for n in weights}, ids, splits=config.finetune.splits,
+                         source=config.finetune.labeled_ids)
     for name in weights:
         path = config.stores[name]
         if stage == "pretrain":
@@ -188,7 +195,8 @@ def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) 
             fc = config.finetune
             seed = config.seed if fc.subset_seed is None else fc.subset_seed
             plan.rows[name] = select_rows(path, splits=fc.splits, target="label", exclude_degenerate=False, require_label=True,
-                                          label_fraction=fc.label_fraction, label_count=fc.label_count, seed=seed)
+                                          label_fraction=fc.label_fraction, label_count=fc.label_count, sample_ids=ids,
+                                          seed=seed)
             val_kw = {"target": "label", "exclude_degenerate": False, "require_label": True}
         if "val" not in getattr(config, stage).splits:
             with contextlib.suppress(StoreError):  # no val records in this store: best.pt uses the others (or none)
