@@ -71,10 +71,11 @@ def add_labels(store_path: str | Path, *, labels_dir: str | None = None, pattern
     out = Path(store_path)
     request = _request(labels_dir, pattern, stem_regex, pairs)
     group, info = store.open_store(out, mode="r+")
-    df = manifest.read_manifest(out)  # also: the store is finished and of a known schema version
+    manifest.read_summary(out)  # a finished store (before anything is created in it)
     home = store.work_dir(out) / FOLDER
     run = home / "run"
     with _lock(home):
+        df = manifest.read_manifest(out)  # under the lock: as the last add-labels left it
         for old in home.glob("run.finished-*"):  # a finished run killed while its folder was being removed
             shutil.rmtree(old, ignore_errors=True)
         plan = _pending_plan(out, run, request)
@@ -94,8 +95,7 @@ def add_labels(store_path: str | Path, *, labels_dir: str | None = None, pattern
         report = _commit(out, run, plan, sorted(by_shard), info)
         report_path = home / "report.json"
         manifest.write_json(report, report_path)
-        with open(home / "history.jsonl", "a") as fh:
-            fh.write(json.dumps({k: report[k] for k in ("started", "finished", "labels", "counts")}) + "\n")
+        _log(home / "history.jsonl", {k: report[k] for k in ("started", "finished", "labels", "counts")})
         finished = home / f"run.finished-{time.time_ns()}"
         os.replace(run, finished)  # one atomic step: from here a re-run starts afresh
         shutil.rmtree(finished, ignore_errors=True)
@@ -375,6 +375,15 @@ def updated_manifest(table: pa.Table, done: dict[int, dict]) -> pa.Table:
         field = table.schema.field(c)
         table = table.set_column(table.schema.get_field_index(c), field, pa.array(cols[c], field.type))
     return table
+
+
+def _log(path: Path, entry: dict) -> None:
+    """Append one line per run (a run resumed after its line was written is not logged twice)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines and json.loads(lines[-1]).get("started") == entry["started"]:
+        return
+    with open(path, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
 
 
 def _update_parts(out: Path, shard_records: int, values: dict[int, dict]) -> None:
