@@ -21,6 +21,10 @@ class StoreError(MedsassError):
     """A store is missing, foreign, of an unknown schema version, or inconsistent."""
 
 
+class CorruptFileError(MedsassError):
+    """A file medsass wrote (a log, a manifest part) is damaged; the message names the file, the line and what to do."""
+
+
 class InputError(MedsassError):
     """One input file (or frame) cannot be used. The run records it and continues."""
 

@@ -111,7 +111,11 @@ def write_rows_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Non
 
 
 def read_rows_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """Rows of a manifest part. A damaged line is an error naming the part; a torn last line is dropped with a
+    warning (parts are written atomically, and build-masks writes a torn part's shard again before assembling)."""
+    from medsass.jsonl import read_jsonl
+
+    return read_jsonl(path, remedy="Delete this part and re-run the same build-masks command: its shard is written again")
 
 
 def _json_scalar(value: Any) -> Any:

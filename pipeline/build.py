@@ -8,11 +8,11 @@ produces the same store as an uninterrupted run. Existing output is never wiped 
 """
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 import sys
 import time
+import warnings
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medsass import __version__, manifest, store
-from medsass.errors import InputError, StoreError, disk_full
+from medsass import __version__, jsonl, manifest, store
+from medsass.errors import InputError, MedsassWarning, StoreError, disk_full
 
 from . import plan as planmod
 from .config import BuildConfig
@@ -292,8 +292,22 @@ def part_path(out: Path, shard: int) -> Path:
     return store.work_dir(out) / "parts" / f"shard-{shard:06d}{PART_SUFFIX}"
 
 
+def _part_finished(out: Path, shard: int) -> bool:
+    """Whether the shard's manifest part exists whole. Parts are written atomically, so a torn one (a store copied
+    while it was built, a damaged disk) is deleted, with a warning, and its shard written again."""
+    path = part_path(out, shard)
+    if not path.exists():
+        return False
+    if jsonl.ends_complete(path):
+        return True
+    warnings.warn(f"{path}: the manifest part of shard {shard} is torn (its last line is cut off); the shard is "
+                  "written again", MedsassWarning, stacklevel=2)
+    path.unlink()
+    return False
+
+
 def _shards_to_do(out, info, entries, retry_failed, client, cfg, salt) -> list[int]:
-    done = {s for s in range(info.n_shards) if part_path(out, s).exists()}
+    done = {s for s in range(info.n_shards) if _part_finished(out, s)}
     todo = [s for s in range(info.n_shards) if s not in done]
     if not retry_failed:
         return todo
@@ -472,8 +486,7 @@ def package_versions() -> dict[str, str]:
 
 
 def _log_run(work: Path, entry: dict) -> None:
-    with open(work / "runs.jsonl", "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    jsonl.append_jsonl(work / "runs.jsonl", entry)  # cuts off a line torn by a kill first
 
 
 __all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "BuildResult", "assemble", "build", "build_shard"]

@@ -25,6 +25,9 @@ from medsass.trainer.distributed import DistInfo
 from medsass.trainer.losses import LossFn
 from torch import nn
 
+from medsass.atomic import atomic_write_bytes
+from medsass.jsonl import read_jsonl
+
 
 @dataclass
 class LoopState:
@@ -78,9 +81,10 @@ class MetricsLog:
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # lines a killed run wrote after its last checkpoint would repeat
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+        if path.exists():  # lines a killed run wrote after its last checkpoint would repeat; a torn last line goes too
+            remedy = "The file only holds the training log: delete that line (or the file, losing the curves so far) and re-run"
+            kept = [r for r in read_jsonl(path, remedy=remedy) if r.get("step", 0) <= resume_step]
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         if tensorboard:
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter

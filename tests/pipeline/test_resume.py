@@ -51,3 +51,37 @@ def test_kill_minus_9_then_resume_gives_identical_store(tmp_path):
     runs = (killed / "_medsass" / "runs.jsonl").read_text().splitlines()
     assert len(runs) == 1  # the killed run never logged completion; the resumed one did
     assert '"shards_run": %d' % (10 - n_done) in runs[0]
+
+
+def test_runs_log_after_a_torn_line_stays_valid_json_lines(tmp_path):
+    import json
+
+    import pytest
+    from medsass.pipeline.build import _log_run
+
+    from medsass.errors import MedsassWarning
+
+    (tmp_path / "runs.jsonl").write_bytes(b'{"seconds": 1.0}\n{"seconds": 2.')
+    with pytest.warns(MedsassWarning, match="torn"):
+        _log_run(tmp_path, {"seconds": 3.0})
+    assert [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()] == [{"seconds": 1.0}, {"seconds": 3.0}]
+
+
+def test_a_torn_manifest_part_is_redone_on_resume(tmp_path, dask_scheduler):
+    """Parts are written atomically; a torn one (a store copied mid-build, a bad disk) means its shard is written again."""
+    import pytest
+    from medsass.pipeline.build import build, part_path
+    from medsass.pipeline.config import BuildConfig, Source
+
+    from medsass.errors import MedsassWarning
+
+    write_blob_pngs(tmp_path / "in", 40, size=48)  # two shards of at most 32 records
+    cfg = BuildConfig(sources=[Source(path=str(tmp_path / "in"))], out=str(tmp_path / "s.zarr"))
+    cfg.geometry.size, cfg.runtime.shard_records, cfg.runtime.scheduler, cfg.runtime.progress = 32, 32, dask_scheduler, False
+    build(cfg)
+    before = manifest.read_manifest(tmp_path / "s.zarr")
+    part = part_path(tmp_path / "s.zarr", 1)
+    part.write_bytes(part.read_bytes()[:-40])
+    with pytest.warns(MedsassWarning, match="shard 1"):
+        res = build(cfg)
+    assert res.shards_done == 1 and manifest.read_manifest(tmp_path / "s.zarr").equals(before)  # NaN == NaN here

@@ -19,7 +19,7 @@ from medsass.trainer.config import load_config
 from medsass.trainer.run import plan_run, run_stages
 
 from medsass import configio
-from medsass.errors import ConfigError, StoreError
+from medsass.errors import ConfigError, CorruptFileError, StoreError
 from medsass.testing import make_synthetic_store
 
 torch.set_num_threads(1)
@@ -251,3 +251,22 @@ def test_done_markers_of_older_runs_still_resume_after_a_move(tmp_path, store):
     os.utime(tmp_path / "moved" / "pretrain" / "final.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten?
     with pytest.raises(ConfigError, match="changed since finetune"):
         plan_run(tiny(tmp_path / "moved", store), ["pretrain", "finetune"])
+
+
+def test_resume_after_a_torn_metrics_line(tmp_path, store, monkeypatch):
+    """A kill mid-append leaves a torn last line in metrics.jsonl: resume drops it (warning) and the log stays clean."""
+    cfg = tiny(tmp_path / "out", store)
+    run_killed_before_done(monkeypatch, cfg)
+    log = tmp_path / "out" / "pretrain" / "metrics.jsonl"
+    log.write_bytes(log.read_bytes() + b'{"step": 9, "loss": 0.')
+    with pytest.warns(UserWarning, match="torn last line"):
+        run_stages(cfg, ["pretrain"])
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if "loss" in x]
+    assert steps == [1, 2, 3]  # resumed at step 3: nothing left to train; the torn line is gone
+
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.1}\n')
+    (tmp_path / "out" / "pretrain" / "done").unlink()
+    from medsass.trainer.loop import MetricsLog
+
+    with pytest.raises(CorruptFileError, match=r"metrics\.jsonl, line 2: not valid JSON.*delete"):
+        MetricsLog(log, enabled=True, resume_step=3, tensorboard=False)
