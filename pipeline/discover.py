@@ -7,9 +7,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsass.errors import InputError
+from medsass.errors import InputError, SkipInput
 
 FORMATS = ("dicom", "png", "jpeg", "tiff", "gif", "bmp")
+# Extensions that promise a format we read. A file named so whose content is none of FORMATS (a corrupt or cut-off
+# download, a text or HTML file renamed .jpg) is a failure to report; any other file we cannot read is skipped on
+# purpose (notes.txt, README). A file whose content is another format we read (a PNG named .jpg) is read by content.
+EXTENSION_FORMATS = {
+    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp", ".gif": "gif",
+    ".dcm": "dicom", ".dicom": "dicom",
+}
+_FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "gif": "GIF", "dicom": "DICOM file"}
 
 SNIFF_BYTES = 1024
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
@@ -59,6 +67,25 @@ def sniff(path: Path) -> str | None:
     """Format of ``path`` by content; reads at most 1 KiB. None for anything we do not read."""
     with open(path, "rb") as f:
         return sniff_bytes(f.read(SNIFF_BYTES))
+
+
+def unreadable_content(path: str | Path, name: str) -> InputError:
+    """Why a file whose content is none of FORMATS is left out: failed (InputError) when ``name``, the name it was
+    found under, has an extension of EXTENSION_FORMATS; skipped (SkipInput) otherwise. Prep and predict both use it."""
+    ext = Path(name).suffix
+    fmt = EXTENSION_FORMATS.get(ext.lower())
+    if fmt is None:
+        return SkipInput(path, "not_an_image", "not a DICOM, PNG, JPEG, TIFF, GIF or BMP file (by content)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        return InputError(path, "unreadable", f"cannot read the file ({exc.strerror or exc}); check that it exists and is readable")
+    return InputError(
+        path, "not_an_image",
+        f"extension {ext} but the content is not a {_FORMAT_NAMES[fmt]} (first bytes {head.hex(' ')}): a corrupt or "
+        "incomplete file, or another kind of file renamed; export or download it again, or remove it from the input",
+    )
 
 
 @dataclass(frozen=True)

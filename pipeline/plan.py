@@ -17,6 +17,7 @@ from medsass.errors import InputError, SkipInput
 
 from . import geometry
 from .config import BuildConfig
+from .discover import unreadable_content
 
 PLAN_FILE = "plan.parquet"
 
@@ -71,8 +72,8 @@ def probe_entries(entries: Sequence[PlanEntry], cfg_geometry: dict, salt: str) -
         try:
             if e.size_bytes == 0:
                 raise InputError(e.source, "empty_file", "file is empty (0 bytes)")
-            if not e.format:
-                raise SkipInput(e.source, "not_an_image", "not a DICOM, PNG, JPEG, TIFF, GIF or BMP file (by content)")
+            if not e.format:  # failed when its extension names an image format, else skipped
+                raise unreadable_content(e.source, e.rel)
             pr = probe(Path(e.source), e.format, salt="")  # unsalted PatientID hash: split identity, never stored
             e.n_frames, (e.height, e.width) = int(pr.n_frames), (int(pr.shape[0]), int(pr.shape[1]))
             e.dicom_group = pr.group or ""

@@ -167,6 +167,7 @@ def predict_files(
     device: torch.device | str = "cpu", batch_size: int = 16, threshold: float = 0.5, probabilities: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict every input with ``model`` (logits out); write masks and the CSV; return the CSV rows."""
+    from medsass.pipeline.discover import unreadable_content
     from medsass.pipeline.readers import probe, read
 
     out, device = Path(out), torch.device(device)
@@ -177,8 +178,8 @@ def predict_files(
         try:
             if inp.size == 0:
                 raise InputError(inp.path, "empty_file", "file is empty (0 bytes)")
-            if inp.format is None:
-                raise SkipInput(inp.path, "not_an_image", "not a DICOM, PNG, JPEG, TIFF, GIF or BMP file (by content)")
+            if inp.format is None:  # failed when its extension names an image format, else skipped (as in prep)
+                raise unreadable_content(inp.path, inp.shown)
             probe(inp.path, inp.format)
             frames = read(inp.path, inp.format, None, max_pixels=prep.max_pixels)
             if not frames:

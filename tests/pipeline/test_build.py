@@ -100,7 +100,7 @@ def test_bad_inputs_are_recorded_and_do_not_stop_the_run(tmp_path, dask_schedule
     df = manifest.read_manifest(out)
     by = {os.path.basename(s): (st, code, reason) for s, st, code, reason in zip(df.source, df.status, df.reason_code, df.reason)}
     assert by["empty.png"][:2] == ("failed", "empty_file")
-    assert by["random.png"][0] == "skipped" and by["notes.txt"][0] == "skipped"
+    assert by["random.png"][:2] == ("failed", "not_an_image") and by["notes.txt"][0] == "skipped"
     assert by["truncated.png"][0] == "failed" and by["truncated.png"][2]
     assert by["tiny.png"][:2] == ("failed", "too_small")
     assert by["bomb.png"][:2] == ("failed", "too_large")
@@ -110,9 +110,10 @@ def test_bad_inputs_are_recorded_and_do_not_stop_the_run(tmp_path, dask_schedule
     assert const.degenerate and "constant" in const.qc_flags
     assert sum(st == "ok" for st, _, _ in by.values()) == 6
     summary = json.loads((out / "manifest.json").read_text())
-    assert summary["failures_by_code"]["too_large"] == 1 and summary["counts"]["failed"] == 5
+    assert summary["failures_by_code"]["too_large"] == 1 and summary["counts"]["failed"] == 6
     rep = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
-    assert {f["source"].rsplit("/", 1)[1] for f in rep["failures"]} == {"empty.png", "truncated.png", "tiny.png", "bomb.png", "nan.tif"}
+    assert {f["source"].rsplit("/", 1)[1] for f in rep["failures"]} == {"empty.png", "random.png", "truncated.png", "tiny.png",
+                                                                         "bomb.png", "nan.tif"}
 
     # --strict stops at the first failure
     res = CliRunner().invoke(main, ["build-masks", str(src), "--out", str(tmp_path / "strict.zarr"), "--size", "32",
@@ -129,7 +130,31 @@ def test_bad_inputs_are_recorded_and_do_not_stop_the_run(tmp_path, dask_schedule
     g = zarr.open_group(str(out), mode="r")
     ok0 = df2[df2.source.str.endswith("img0000.png")].iloc[0]
     assert (g["image"][row.row] == g["image"][ok0.row]).all()  # same pixels as the file it was copied from
-    assert (df2.status == "failed").sum() == 4 and res.exit_code == 3
+    assert (df2.status == "failed").sum() == 5 and res.exit_code == 3
+
+
+def test_files_named_as_images_that_are_not_fail_and_exit_3(tmp_path, dask_scheduler):
+    """A corrupt download keeps its image extension: failed with the reason, not skipped; other names are skipped."""
+    src = tmp_path / "in"
+    write_blob_pngs(src, 2, size=48)
+    (src / "noise.tif").write_bytes(bytes.fromhex("3f8a") + os.urandom(500))
+    (src / "img.jpg").write_text("not a photo")
+    (src / "scan.dcm").write_bytes(b"<html>session expired</html>")
+    (src / "notes.txt").write_text("not an image")
+    (src / "README").write_bytes(os.urandom(100))
+    (src / "photo.png").write_bytes((src / "img0000.png").read_bytes())
+    Image.open(src / "img0001.png").save(src / "misnamed.jpg", format="PNG")  # readable: content decides the format
+    out = tmp_path / "s.zarr"
+    res = CliRunner().invoke(main, ["build-masks", str(src), "--out", str(out), "--size", "32", "--scheduler", dask_scheduler,
+                                    "--no-progress"])
+    assert res.exit_code == 3, res.output
+    df = manifest.read_manifest(out)
+    by = {os.path.basename(s): (st, code, reason) for s, st, code, reason in zip(df.source, df.status, df.reason_code, df.reason)}
+    assert by["noise.tif"][:2] == ("failed", "not_an_image")
+    assert by["noise.tif"][2].startswith("extension .tif but the content is not a TIFF (first bytes 3f 8a ")
+    assert by["img.jpg"][0] == by["scan.dcm"][0] == "failed" and "not a DICOM file" in by["scan.dcm"][2]
+    assert by["notes.txt"][0] == by["README"][0] == "skipped"
+    assert by["misnamed.jpg"][0] == by["photo.png"][0] == "ok" and (df.status == "ok").sum() == 4
 
 
 def test_dicom_folder_all_decoded_and_no_phi(tmp_path, data_dir, dask_scheduler):

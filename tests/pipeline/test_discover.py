@@ -186,3 +186,34 @@ def test_discover_many_files_is_fast(tmp_path):
     assert len(found) == 2000
     assert time.perf_counter() - t < 5
     assert os.path.basename(found[0].rel) == "000.txt"
+
+
+@pytest.mark.parametrize(("name", "content", "kind"), [
+    ("noise.tif", bytes.fromhex("3f8a1c00d2") + b"\x00" * 200, "TIFF"),
+    ("img.jpg", b"this is not a photo\n", "JPEG"),
+    ("scan.DCM", b"<html>login required</html>", "DICOM file"),
+    ("x.png", b"GIF8", "PNG"),
+])
+def test_image_extension_with_other_content_is_a_failure_naming_the_first_bytes(tmp_path, name, content, kind):
+    (tmp_path / name).write_bytes(content)
+    err = disc.unreadable_content(tmp_path / name, name)
+    assert type(err) is InputError and err.code == "not_an_image"
+    ext = os.path.splitext(name)[1]
+    assert err.reason.startswith(f"extension {ext} but the content is not a {kind} (first bytes {content[:8].hex(' ')})")
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "README", "archive.zip", "data.csv"])
+def test_other_unreadable_files_are_still_skipped(tmp_path, name):
+    from medsass.errors import SkipInput
+
+    (tmp_path / name).write_bytes(os.urandom(64))
+    err = disc.unreadable_content(tmp_path / name, name)
+    assert isinstance(err, SkipInput) and err.code == "not_an_image"
+
+
+def test_the_extension_is_the_name_the_file_was_found_under(tmp_path):
+    """A symlink named img.png to a hash-named blob (git-annex, DVC, HF caches): the link's name counts."""
+    (tmp_path / "blob-3f8a").write_bytes(b"not an image")
+    (tmp_path / "img.png").symlink_to(tmp_path / "blob-3f8a")
+    (c,) = discover([tmp_path / "img.png"])
+    assert c.format is None and type(disc.unreadable_content(c.path, c.rel)) is InputError

@@ -97,15 +97,17 @@ def test_predict_real_files_keeps_original_shapes_and_reports_bad_inputs(trained
     write_jpeg_with_exif(src / "sub" / "photo.jpg", np.random.default_rng(1).integers(0, 255, (20, 44, 3), dtype=np.uint8))
     (src / "broken.png").write_bytes((src / "gray.png").read_bytes()[:60])  # truncated
     (src / "notes.txt").write_text("not an image")
+    (src / "noise.tif").write_bytes(bytes.fromhex("3f8a") + bytes(range(200)))  # named as an image: failed, as in prep
     out = tmp_path / "out"
     args = ["predict", str(trained), str(src)] + ([str(DICOM)] if DICOM.exists() else []) + ["--out", str(out), "--batch-size", "3",
                                                                                              "--device", "cpu", "--probabilities"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 3, res.output
-    assert "1 failed" in res.output and "broken.png" in res.output
+    assert "2 failed" in res.output and "broken.png" in res.output and "noise.tif" in res.output
     rows = read_csv(out / "predictions.csv")
     assert rows["broken.png"]["status"] == "failed" and rows["broken.png"]["reason"]
     assert rows["notes.txt"]["status"] == "skipped" and rows["notes.txt"]["reason_code"] == "not_an_image"
+    assert rows["noise.tif"]["status"] == "failed" and rows["noise.tif"]["reason"].startswith("extension .tif but the content is not a TIFF")
     mask = np.asarray(Image.open(out / rows["gray.png"]["mask"]))
     assert mask.shape == (37, 53) and set(np.unique(mask)) <= {0, 255}
     assert float(rows["gray.png"]["fg_fraction"]) == pytest.approx((mask > 0).mean())
