@@ -73,7 +73,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     params = cfg.output_params()
     rt = cfg.runtime
     phases: dict[str, float] = {}
-    with dask_client(rt.workers, rt.scheduler, quiet=not rt.progress) as client:
+    with dask_client(rt.workers, rt.scheduler, quiet=not rt.progress, dashboard=rt.dashboard_address) as client:
         phases["cluster"] = time.time() - t0
         entries = _plan(cfg, out, salt, client, retry_failed)
         phases["plan"] = time.time() - t0 - phases["cluster"]

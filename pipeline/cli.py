@@ -65,10 +65,12 @@ def _split_spec(text: str) -> dict[str, float]:
 @click.option("--retry-failed", is_flag=True, help="Retry only the inputs that failed before.")
 @click.option("--strict", is_flag=True, help="Stop at the first failed input.")
 @click.option("--no-progress", is_flag=True, help="No progress bars, and no dashboard for the local Dask cluster (batch jobs).")
+@click.option("--dashboard-address", metavar="HOST:PORT", help="Where the local Dask cluster's dashboard listens [127.0.0.1:0: "
+              "this machine only, a free port; reach it by SSH tunnel]; env MEDSASS_DASHBOARD_ADDRESS.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any dataset-file key, e.g. geometry.size=128.")
 def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, size, resize, tile, tile_overlap, method,
                 polarity, intensity, split_spec, seed, group_by, groups_csv, split_unlabeled, workers, scheduler,
-                shard_records, max_pixels, salt, overwrite, retry_failed, strict, no_progress, overrides):
+                shard_records, max_pixels, salt, overwrite, retry_failed, strict, no_progress, dashboard_address, overrides):
     """Build a store from INPUT files/folders (recursive; formats detected by content)."""
     sets = list(overrides)
     label_opts = {"dir": labels, "pattern": label_pattern, "stem_regex": stem_regex, "pairs": pairs}
@@ -79,6 +81,7 @@ def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, 
         "split.groups_csv": groups_csv, "split.split_unlabeled": split_unlabeled, "runtime.workers": workers,
         "runtime.scheduler": scheduler, "runtime.shard_records": shard_records, "runtime.salt": salt,
         "runtime.strict": strict or None, "runtime.progress": False if no_progress else None,
+        "runtime.dashboard_address": dashboard_address,
     }
     if split_spec:
         for k, v in _split_spec(split_spec).items():

@@ -91,6 +91,7 @@ class RuntimeConfig:
     salt: str | None = None  # salt for hashing DICOM PatientID; default: random, kept in <store>/_medsass/salt
     strict: bool = False  # stop at the first failed input
     progress: bool = True
+    dashboard_address: str | None = None  # local cluster's dashboard host:port; None = $MEDSASS_DASHBOARD_ADDRESS or 127.0.0.1:0
 
 
 @dataclass

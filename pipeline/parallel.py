@@ -30,6 +30,16 @@ LOCAL_WORKER_CONFIG = {
     **{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()},
     "distributed.worker.profile.enabled": False,
 }
+# Where the scheduler's dashboard (and its other HTTP endpoints) listen. Dask's ":port" means every interface: on a
+# shared login node anyone could read the task stream and the logs. This machine only, on a free port, unless the
+# variable or --dashboard-address says otherwise; from elsewhere, tunnel to it (workflows/README.md).
+DASHBOARD_ENV = "MEDSASS_DASHBOARD_ADDRESS"
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
+
+
+def dashboard_address(given: str | None = None) -> str:
+    """``given`` (the --dashboard-address flag), else $MEDSASS_DASHBOARD_ADDRESS, else 127.0.0.1 on a free port."""
+    return given or os.environ.get(DASHBOARD_ENV) or DEFAULT_DASHBOARD_ADDRESS
 
 
 def default_workers() -> int:
@@ -40,9 +50,12 @@ def default_workers() -> int:
 
 
 @contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None, *, quiet: bool = False) -> Iterator[Any]:
+def dask_client(
+    workers: int = 0, scheduler: str | None = None, *, quiet: bool = False, dashboard: str | None = None
+) -> Iterator[Any]:
     """A client of ``scheduler``, or of a local cluster of ``workers`` processes. Unless ``quiet``, prints where
-    it runs and the dashboard's address (a quiet local cluster has no dashboard)."""
+    it runs and the dashboard's address (a quiet local cluster has no dashboard). The local cluster's HTTP
+    endpoints listen on :func:`dashboard_address` (``dashboard``: host:port, default 127.0.0.1, a free port)."""
     import dask
     from dask.distributed import Client, LocalCluster
 
@@ -57,20 +70,34 @@ def dask_client(workers: int = 0, scheduler: str | None = None, *, quiet: bool =
                 n_workers=workers or default_workers(),
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=":0",  # any free port (also for the scheduler's HTTP endpoints)
+                dashboard_address=dashboard_address(dashboard),  # also the scheduler's other HTTP endpoints
                 scheduler_kwargs={"dashboard": not quiet},  # quiet: nobody is told its address (bokeh: ~0.6 s)
                 silence_logs=logging.ERROR,
             )
         client = Client(cluster)
     if not quiet:
         where = f"scheduler {scheduler}" if scheduler else f"local cluster, {len(client.scheduler_info()['workers'])} worker(s)"
-        print(f"dask: {where}; dashboard {client.dashboard_link}", file=sys.stderr)
+        link = client.dashboard_link if scheduler else dashboard_hint(client.dashboard_link, dashboard_address(dashboard))
+        print(f"dask: {where}; dashboard {link}", file=sys.stderr)
     try:
         yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def dashboard_hint(link: str, address: str) -> str:
+    """The URL of a dashboard started with ``address`` (Dask's ``link`` names the scheduler's host, not the
+    dashboard's; its port is right), and for a loopback one the SSH tunnel that opens it from another machine."""
+    import socket
+    from urllib.parse import urlsplit
+
+    port, host = urlsplit(link).port, address.rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost", "[::1]"):
+        return (f"http://{host}:{port}/status (this machine only; from yours: "
+                f"ssh -N -L {port}:127.0.0.1:{port} {socket.gethostname()}, then open http://localhost:{port}/status)")
+    return f"http://{socket.gethostname() if host in ('', '0.0.0.0', '[::]') else host}:{port}/status"
 
 
 def run_tasks(

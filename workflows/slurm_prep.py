@@ -36,7 +36,7 @@ def settings() -> dict[str, str]:
 
 def make_cluster(s: dict[str, str]):
     from dask_jobqueue import SLURMCluster
-    from medsass.pipeline.parallel import WORKER_MALLOC_ENV
+    from medsass.pipeline.parallel import WORKER_MALLOC_ENV, dashboard_address
 
     cores = int(s["PREP_CORES"])
     # the local cluster's worker settings (medsass.pipeline.parallel): glibc keeps freed image buffers, no profiler
@@ -54,6 +54,8 @@ def make_cluster(s: dict[str, str]):
         python=sys.executable,  # this venv's interpreter on the worker nodes
         job_name="medsass-prep-worker",
         job_script_prologue=[f"export {k}={v}" for k, v in env.items()],
+        # dask-jobqueue's default ':8787' is every interface of the login node: 127.0.0.1 unless MEDSASS_DASHBOARD_ADDRESS
+        scheduler_options={"dashboard_address": dashboard_address()},
     )
 
 
@@ -61,12 +63,16 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
+    from medsass.pipeline.parallel import dashboard_address, dashboard_hint
+
     s = settings()
     cluster = make_cluster(s)
     try:
         cluster.adapt(minimum_jobs=int(s["PREP_MIN_JOBS"]), maximum_jobs=int(s["PREP_MAX_JOBS"]))
         print(f"slurm_prep: scheduler {cluster.scheduler_address}; worker jobs adapt between {s['PREP_MIN_JOBS']} and "
-              f"{s['PREP_MAX_JOBS']} x {s['PREP_CORES']} workers; job script:\n{cluster.job_script()}", file=sys.stderr, flush=True)
+              f"{s['PREP_MAX_JOBS']} x {s['PREP_CORES']} workers; dashboard "
+              f"{dashboard_hint(cluster.dashboard_link, dashboard_address())}; job script:\n{cluster.job_script()}",
+              file=sys.stderr, flush=True)
         build = [sys.executable, "-m", "medsass.pipeline.cli", "build-masks", *argv, "--scheduler", cluster.scheduler_address]
         print("slurm_prep: medsass-prep " + shlex.join(build[3:]), file=sys.stderr, flush=True)
         return subprocess.call(build)

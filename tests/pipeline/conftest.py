@@ -17,5 +17,5 @@ def dask_scheduler():
     """One local Dask cluster shared by the build tests (exercises the --scheduler path, saves start-up time)."""
     from dask.distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster:
         yield cluster.scheduler_address

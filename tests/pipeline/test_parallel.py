@@ -29,7 +29,8 @@ def test_dashboard_only_when_someone_is_told_where(capsys, monkeypatch):
     monkeypatch.setattr(dashboard, "connect", lambda *a, **k: (connected.append(1), real_connect(*a, **k))[1])
     with dask_client(1, quiet=False) as client:
         assert _status(client.dashboard_link) == 200
-    assert "dashboard http" in capsys.readouterr().err and connected == [1]
+    err = capsys.readouterr().err
+    assert "dashboard http://127.0.0.1:" in err and "this machine only; from yours: ssh -N -L " in err and connected == [1]
     with dask_client(1, quiet=True):
         pass
     assert capsys.readouterr().err == "" and connected == [1]  # no dashboard built for a quiet cluster
@@ -44,3 +45,48 @@ def _status(url: str) -> int:
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def _listening(pid: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
+def test_local_cluster_listens_on_localhost_only_unless_told(monkeypatch):
+    """A shared login node: the dashboard (and the scheduler's other HTTP endpoints) must not be open to every host."""
+    monkeypatch.delenv("MEDSASS_DASHBOARD_ADDRESS", raising=False)
+    for quiet in (False, True):  # a quiet cluster has no dashboard but still serves HTTP endpoints
+        with dask_client(1, quiet=quiet):
+            assert _listening(os.getpid()) == {"127.0.0.1"}, quiet
+    monkeypatch.setenv("MEDSASS_DASHBOARD_ADDRESS", "127.0.0.2:0")  # what a user sets to expose it (e.g. 0.0.0.0:8787)
+    with dask_client(1, quiet=False):
+        assert _listening(os.getpid()) == {"127.0.0.1", "127.0.0.2"}  # the scheduler itself stays on 127.0.0.1
+    with dask_client(1, quiet=False, dashboard="127.0.0.3:0"):  # the flag wins over the variable
+        assert _listening(os.getpid()) == {"127.0.0.1", "127.0.0.3"}
+
+
+def test_build_masks_flag_sets_the_dashboard_address(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import medsass.pipeline.build as build_mod
+    from click.testing import CliRunner
+    from medsass.pipeline.cli import main
+
+    from medsass.errors import StoreError
+    from medsass.testing import write_blob_pngs
+
+    seen = {}
+
+    @contextmanager
+    def client(workers, scheduler, *, quiet, dashboard):
+        seen["dashboard"] = dashboard
+        raise StoreError("stopped by the test")
+        yield
+
+    monkeypatch.setattr(build_mod, "dask_client", client)
+    write_blob_pngs(tmp_path / "in", 1, size=32)
+    res = CliRunner().invoke(main, ["build-masks", str(tmp_path / "in"), "--out", str(tmp_path / "s.zarr"),
+                                    "--dashboard-address", "0.0.0.0:8787"])
+    assert res.exit_code == 2 and "stopped by the test" in res.output and seen == {"dashboard": "0.0.0.0:8787"}
+
