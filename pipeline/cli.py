@@ -60,7 +60,9 @@ def _split_spec(text: str) -> dict[str, float]:
 @click.option("--scheduler", help="Address of an existing Dask scheduler (e.g. tcp://host:8786).")
 @click.option("--shard-records", type=int, help="Maximum records per shard [256].")
 @click.option("--max-pixels", type=int, help="Refuse files with more pixels than this (decompression bombs) [268435456].")
-@click.option("--salt", envvar="MEDSASS_SALT", help="Salt for hashing DICOM PatientID [random, kept in the store]; env MEDSASS_SALT.")
+@click.option("--salt", envvar="MEDSASS_SALT", help="Salt for hashing DICOM PatientID [random, kept in the store]; env MEDSASS_SALT. "
+              "On the command line it shows in `ps` to every user of the machine: prefer --salt-file or the variable.")
+@click.option("--salt-file", type=click.Path(exists=True, dir_okay=False), help="Read the salt from this file (keep it mode 0600).")
 @click.option("--overwrite", is_flag=True, help="Rebuild an existing store from scratch.")
 @click.option("--retry-failed", is_flag=True, help="Retry only the inputs that failed before.")
 @click.option("--strict", is_flag=True, help="Stop at the first failed input.")
@@ -70,9 +72,11 @@ def _split_spec(text: str) -> dict[str, float]:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any dataset-file key, e.g. geometry.size=128.")
 def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, size, resize, tile, tile_overlap, method,
                 polarity, intensity, split_spec, seed, group_by, groups_csv, split_unlabeled, workers, scheduler,
-                shard_records, max_pixels, salt, overwrite, retry_failed, strict, no_progress, dashboard_address, overrides):
+                shard_records, max_pixels, salt, salt_file, overwrite, retry_failed, strict, no_progress, dashboard_address,
+                overrides):
     """Build a store from INPUT files/folders (recursive; formats detected by content)."""
     sets = list(overrides)
+    salt = _salt_option(salt, salt_file)
     label_opts = {"dir": labels, "pattern": label_pattern, "stem_regex": stem_regex, "pairs": pairs}
     flag_map = {
         "out": out, "geometry.size": size, "geometry.resize": resize, "geometry.tile": tile,
@@ -87,6 +91,22 @@ def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, 
         for k, v in _split_spec(split_spec).items():
             flag_map[f"split.{k}"] = v
     _run(lambda: _build(inputs, dataset, label_opts, flag_map, sets, overwrite, retry_failed))
+
+
+def _salt_option(salt: str | None, salt_file: str | None) -> str | None:
+    """The salt from --salt-file, else --salt / $MEDSASS_SALT. --salt-file beats the variable, not the flag."""
+    if salt_file is None:
+        return salt
+    source = click.get_current_context().get_parameter_source("salt")
+    if salt is not None and source == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("give --salt or --salt-file, not both")
+    try:
+        text = Path(salt_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {salt_file} as UTF-8 text ({exc})", param_hint="--salt-file") from None
+    if not text:
+        raise click.BadParameter(f"{salt_file} is empty; write the salt into it", param_hint="--salt-file")
+    return text
 
 
 def _build(inputs, dataset, label_opts, flag_map, sets, overwrite, retry_failed) -> int:

@@ -250,3 +250,29 @@ def test_store_built_with_another_method_names_the_flag_that_resumes_it(tmp_path
     assert res.exit_code == 2 and "threshold.method: 'otsu' -> 'fov_otsu_hull'" in res.output
     assert "add --method otsu" in res.output
     assert CliRunner().invoke(main, [*args, "--method", "otsu"]).exit_code == 0  # the hint works: resumes
+
+
+def test_salt_from_a_file_or_the_environment_not_only_the_command_line(tmp_path, dask_scheduler, monkeypatch):
+    """--salt shows in `ps` to every user of the machine: --salt-file and MEDSASS_SALT give the same store without that."""
+    from medsass.pipeline.splits import salted_hash
+
+    write_blob_pngs(tmp_path / "in", 2, size=48)
+    (tmp_path / "salt.txt").write_text("s3cret\n")
+    common = [str(tmp_path / "in"), "--size", "32", "--scheduler", dask_scheduler, "--no-progress"]
+    monkeypatch.delenv("MEDSASS_SALT", raising=False)
+    res = CliRunner().invoke(main, ["build-masks", *common, "--out", str(tmp_path / "file.zarr"), "--salt-file", str(tmp_path / "salt.txt")])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setenv("MEDSASS_SALT", "s3cret")
+    res = CliRunner().invoke(main, ["build-masks", *common, "--out", str(tmp_path / "env.zarr")])
+    assert res.exit_code == 0, res.output
+    for name in ("file.zarr", "env.zarr"):
+        df = manifest.read_manifest(tmp_path / name)
+        assert set(df.group) == {salted_hash("s3cret", f"file:img000{i}.png") for i in range(2)}, name
+        assert not (tmp_path / name / "_medsass" / "salt").exists()  # a given salt is never written into the store
+
+    both = CliRunner().invoke(main, ["build-masks", *common, "--out", str(tmp_path / "x.zarr"), "--salt", "a",
+                                     "--salt-file", str(tmp_path / "salt.txt")])
+    assert both.exit_code == 2 and "--salt-file" in both.output
+    (tmp_path / "empty.txt").write_text("\n")
+    empty = CliRunner().invoke(main, ["build-masks", *common, "--out", str(tmp_path / "y.zarr"), "--salt-file", str(tmp_path / "empty.txt")])
+    assert empty.exit_code == 2 and "empty.txt" in empty.output and "empty" in empty.output
