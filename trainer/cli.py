@@ -258,9 +258,11 @@ def report_cmd(run_dir: str, out: str | None) -> None:
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads [the checkpoint config's runtime.threads].")
 @click.option("--include-degenerate", is_flag=True, help="Also rank records whose pseudo-mask failed QC (fg_low / fg_high; never constant images).")
+@click.option("--pool", default="unlabeled", show_default=True, type=click.Choice(["unlabeled", "labeled"]),
+              help="labeled: rank the labeled train records as if unlabeled (to compare strategies on a labeled set, as the study does).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed: int, out: str, batch_size: int, device: str,
-                threads: int | None, include_degenerate: bool, no_progress: bool) -> None:
+                threads: int | None, include_degenerate: bool, pool: str, no_progress: bool) -> None:
     """Which N unlabeled train images of STORE should an expert label? Ranks them with the pretrained model
     RUN_OR_CHECKPOINT (a .pt, or a run folder: its pretrain/final.pt).
 
@@ -274,7 +276,7 @@ def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed:
         from medsass.trainer.suggest import suggest
 
         res = suggest(run_or_checkpoint, store, n, out, strategy=strategy, seed=seed, batch_size=batch_size, device=device,
-                      threads=threads, include_degenerate=include_degenerate, progress=not no_progress)
+                      threads=threads, include_degenerate=include_degenerate, progress=not no_progress, pool=pool)
     except MedsassError as exc:
         raise _fail(exc) from None
     click.echo(f"{n} pick(s) of {res['candidates']} candidate(s), strategy {strategy}: {os.path.join(out, 'picks.csv')}, "

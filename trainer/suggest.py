@@ -71,16 +71,22 @@ def hybrid_pool_size(n: int) -> int:
     return max(4 * n, 50)
 
 
-def candidates(store: str | Path, *, include_degenerate: bool = False):
-    """The candidate manifest rows (sorted by row) and how many stored records each rule left out."""
+def candidates(store: str | Path, *, include_degenerate: bool = False, pool: str = "unlabeled"):
+    """The candidate manifest rows (sorted by row) and how many stored records each rule left out.
+
+    ``pool="labeled"`` ranks the labeled train records instead, as if unlabeled (a study simulating the expert:
+    the picks' labels are already in the store)."""
+    if pool not in ("unlabeled", "labeled"):
+        raise ConfigError(f"--pool {pool!r}: available options are unlabeled, labeled")
     df = read_manifest(store)
     stored = (df["status"] == "ok") & (df["row"] >= 0)
     train = stored & (df["split"] == "train")
-    unlabeled = train & ~df["has_label"].astype(bool)
+    has_label = df["has_label"].astype(bool)
+    unlabeled = train & (has_label if pool == "labeled" else ~has_label)
     constant = df["qc_flags"].fillna("").str.contains(r"(?:^|,)constant(?:,|$)")
     usable = unlabeled & ~constant
     keep = usable & (include_degenerate | ~df["degenerate"].astype(bool))
-    excluded = {"other_split": int((stored & ~train).sum()), "labeled": int((train & ~unlabeled).sum()),
+    excluded = {"other_split": int((stored & ~train).sum()), "unlabeled" if pool == "labeled" else "labeled": int((train & ~unlabeled).sum()),
                 "constant": int((unlabeled & constant).sum()), "degenerate": int((usable & ~keep).sum())}
     return df[keep].sort_values("row").reset_index(drop=True), excluded
 
@@ -250,7 +256,7 @@ def _load(checkpoint: str | Path, device: torch.device, *, size: int, threads: i
 
 def suggest(checkpoint: str | Path, store: str | Path, n: int, out: str | Path, *, strategy: str = DEFAULT_STRATEGY,
             seed: int = 0, batch_size: int = 32, device: str = "auto", threads: int | None = None,
-            include_degenerate: bool = False, progress: bool = False) -> dict[str, Any]:
+            include_degenerate: bool = False, progress: bool = False, pool: str = "unlabeled") -> dict[str, Any]:
     """Rank ``n`` candidates of ``store`` with the model of ``checkpoint`` (a .pt, or a run folder: its
     pretrain/final.pt); write OUT/picks.csv, OUT/gallery.html and OUT/suggest.json. Returns suggest.json's data."""
     from medsass.trainer.predict import pick_device
@@ -264,7 +270,7 @@ def suggest(checkpoint: str | Path, store: str | Path, n: int, out: str | Path, 
         raise ConfigError(f"--n and --batch-size must be >= 1 (got {n}, {batch_size})")
     store, out = Path(store), Path(out)
     _, info = open_store(store)
-    cand, excluded = candidates(store, include_degenerate=include_degenerate)
+    cand, excluded = candidates(store, include_degenerate=include_degenerate, pool=pool)
     if n > len(cand):
         raise StoreError(f"--n {n} but {store} has only {len(cand)} candidate records (unlabeled, train split, usable "
                          f"pseudo-mask; left out: {excluded}); lower --n" + ("" if include_degenerate else " or add --include-degenerate"))
@@ -285,7 +291,7 @@ def suggest(checkpoint: str | Path, store: str | Path, n: int, out: str | Path, 
     picks, order = _records(strategy, cand, pos, score, dist, full if need_scores else None, maps, seed=seed)
     summary = {
         "strategy": strategy, "n": n, "seed": seed, "batch_size": batch_size, "device": str(dev), "threads": torch.get_num_threads(),
-        "include_degenerate": include_degenerate, "threshold": THRESHOLD, "uncertain_score": "disagreement",
+        "include_degenerate": include_degenerate, "pool": pool, "threshold": THRESHOLD, "uncertain_score": "disagreement",
         "hybrid_pool": min(hybrid_pool_size(n), len(rows)) if strategy == "hybrid" else None,
         "checkpoint": {"path": str(path.resolve()), "sha256": file_digest(path), "stage": state.get("stage"), "kind": state.get("kind"),
                        "step": state.get("step"), "model_args": state["model_args"],

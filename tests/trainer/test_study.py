@@ -66,6 +66,7 @@ def _study(tmp_path: Path, **extra) -> Path:
         "name": "tiny", "out_dir": str(tmp_path / "out"), "results_dir": str(tmp_path / "results"), "seeds": [0],
         "budgets": ["1", "100%"], "arms": ["scratch", "end_to_end", "encoder_only", "ssl"], "jobs": 1, "bootstrap": 200,
         "convergence": {"budgets": ["1"], "arms": ["scratch"], "factor": 2},
+        "strategies": {"names": ["diverse", "hybrid"], "budgets": ["5"]},
         "ssl": {"steps": 3, "batch_size": 4},
         "datasets": [{"name": "synth", "store": str(main_store), "targets": ["store"],
                       "sites": [{"name": "other", "store": str(site)}]}],
@@ -91,7 +92,13 @@ def test_study_end_to_end_and_resume(tmp_path):
     kinds = sorted((r["kind"], r["arm"]) for r in rows.values())
     # 1 pretrain, 1 ssl, scratch / e2e / enc / ssl at n=1 and n=24 (100%), scratch x2 at n=1
     assert kinds.count(("pretrain", "pretrain")) == 1 and kinds.count(("ssl", "ssl_pretrain")) == 1
-    assert kinds.count(("finetune", "scratch")) == 3 and kinds.count(("finetune", "ssl")) == 2 and len(kinds) == 11
+    assert kinds.count(("finetune", "scratch")) == 3 and kinds.count(("finetune", "ssl")) == 2
+    picked = [r for r in rows.values() if r.get("strategy")]
+    assert sorted(r["strategy"] for r in picked) == ["diverse", "hybrid"] and len(kinds) == 14  # + the random e2e baseline at n=5
+    for r in picked:  # fine-tuned on exactly the suggested images
+        picks = tmp_path / f"out/runs/synth/store/seed0/n005/end_to_end_{r['strategy']}/suggest/picks.csv"
+        with picks.open() as fh:
+            assert sorted(p["sample_id"] for p in csv.DictReader(fh)) == r["labeled_ids"]
     fine = [r for r in rows.values() if r["kind"] == "finetune"]
     for r in fine:
         assert set(r["evals"]) == {"test", "site:other"} and len(r["evals"]["site:other"]["ids"]) == 12
@@ -99,6 +106,8 @@ def test_study_end_to_end_and_resume(tmp_path):
     # pairing: every arm of (seed, n) saw the same labeled images
     by = {}
     for r in fine:
+        if r.get("strategy"):
+            continue  # picked by suggest, not the seeded subset
         by.setdefault((r["seed"], r["n_labels"]), set()).add(tuple(r["labeled_ids"]))
     assert all(len(v) == 1 for v in by.values())
     # the SSL checkpoint carries a trained encoder and loads into the fine-tune arm
@@ -106,6 +115,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert ssl_final["mode"] == "encoder_only" and ssl_final["model_args"]["encoder_name"] == TINY
     table = (tmp_path / "results" / "table.md").read_text()
     for text in ("## synth", "Paired differences", "Cross-site", "Convergence check", "Compute", "SimCLR encoder",
+                 "Which images to label", "hybrid − random",
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
     assert (tmp_path / "results" / "synth.png").stat().st_size > 1000

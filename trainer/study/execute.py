@@ -39,6 +39,10 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
         row["ssl"] = run_ssl(cfg, ssl_spec, job.dir)
         row["seconds"]["ssl"] = round(time.time() - t0, 1)
         return row
+    if job.strategy:
+        _suggest(job, cfg)
+        row["strategy"] = job.strategy
+        row["seconds"]["suggest"] = round(time.time() - t0, 1)
     if job.kind == "finetune":
         ids = _sample_ids(cfg.stores["main"])
         row["labeled_ids"] = sorted(ids[int(r)] for r in plan_run(cfg, ["finetune"])[0].rows["main"])
@@ -61,6 +65,17 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
     if job.kind == "finetune" and not keep_final:
         (Path(job.dir) / "finetune" / "final.pt").unlink(missing_ok=True)
     return row
+
+
+def _suggest(job: Job, cfg) -> None:
+    """The strategy's n picks among the labeled train records (their labels unused), from the pretrained model."""
+    from medsass.trainer.suggest import suggest
+
+    picks = Path(cfg.finetune.labeled_ids)
+    if picks.exists():
+        return
+    suggest(cfg.finetune.pretrained, cfg.stores["main"], job.n_labels, picks.parent, strategy=job.strategy, seed=job.seed,
+            device=cfg.runtime.device, threads=cfg.runtime.threads, pool="labeled")
 
 
 def _evaluate_site(job: Job, site: str, store: str, ckpt: Path) -> dict[str, Any]:

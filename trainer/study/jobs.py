@@ -31,8 +31,8 @@ from medsass.errors import MedsassError
 
 # Run order: the main comparison (the convergence check first, since it decides whether the schedule is long enough;
 # then pretraining, scratch and end-to-end) seed by seed; then the SSL baseline, encoder-only and the other targets.
-TIER = {"convergence": 0, "pretrain": 1, "scratch": 2, "end_to_end": 3, "ssl_pretrain": 4, "ssl": 5, "encoder_only": 6,
-        "other_target": 7}
+TIER = {"convergence": 0, "pretrain": 1, "scratch": 2, "end_to_end": 3, "ssl_pretrain": 4, "ssl": 5, "strategy": 6,
+        "encoder_only": 7, "other_target": 8}
 
 
 def _priority(tier: str, seed: int, *rest: int) -> tuple:
@@ -49,6 +49,7 @@ class StudyData:
     sites: dict[str, str]
     site_splits: dict[str, list[str]]
     n_labeled_train: int
+    digests: dict[str, str] = field(default_factory=dict)  # target -> stores.data_digest (part of every job key)
 
     @property
     def main_target(self) -> str:
@@ -68,6 +69,7 @@ class Job:
     n_labels: int = 0
     budgets: list[str] = field(default_factory=list)
     steps_factor: int = 1  # > 1: a convergence-check run
+    strategy: str | None = None  # labeled images chosen by ``medsass-train suggest`` with this strategy
     needs: str | None = None  # key of the job this one starts from
     sites: dict[str, str] = field(default_factory=dict)
     site_splits: dict[str, list[str]] = field(default_factory=dict)
@@ -82,6 +84,7 @@ class Job:
     def label(self) -> str:
         extra = f" n={self.n_labels}" if self.kind == "finetune" else ""
         extra += f" x{self.steps_factor} steps" if self.steps_factor > 1 else ""
+        extra += f" picked by {self.strategy}" if self.strategy else ""
         return f"{self.dataset} {self.target} {self.arm} seed{self.seed}{extra}"
 
 
@@ -96,7 +99,7 @@ def run_config(train: dict[str, Any], store: str, out_dir: Path, seed: int) -> d
 
 def _identity(cfg: dict[str, Any], **extra: Any) -> dict[str, Any]:
     data = {k: v for k, v in cfg.items() if k not in ("runtime", "out_dir", "stores")}
-    data["finetune"] = {k: v for k, v in data.get("finetune", {}).items() if k != "pretrained"}
+    data["finetune"] = {k: v for k, v in data.get("finetune", {}).items() if k not in ("pretrained", "labeled_ids")}
     return {**data, **extra}
 
 
@@ -114,7 +117,8 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
         conv_counts = {budget_count(b, d.n_labeled_train) for b in conv.budgets} if conv else set()
         for seed in study.seeds:
             def data_id(target: str) -> dict[str, Any]:
-                return {"dataset": d.name, "target": target, "prep": prep}
+                return {"dataset": d.name, "target": target, "prep": prep, "digest": d.digests[target],
+                        "sites": {k: [d.digests.get(f"site:{k}"), d.site_splits[k]] for k in sorted(d.sites)}}
 
             pre: dict[str, Job] = {}
             for t_i, target in enumerate(d.stores):
@@ -146,6 +150,17 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                 for target, arm, factor in plan:
                     jobs.append(_finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs,
                                               data_id, d_i))
+            st = study.strategies
+            if st and (not st.datasets or d.name in st.datasets) and d.main_target in pre:
+                st_counts: dict[int, list[str]] = defaultdict(list)
+                for b in st.budgets:
+                    st_counts[budget_count(b, d.n_labeled_train)].append(b)
+                for n, names in sorted(st_counts.items()):
+                    if not any(a == "end_to_end" for a in study.arms) or n not in counts:  # the random baseline runs too
+                        jobs.append(_finetune_job(study, train, d, d.main_target, "end_to_end", seed, n, names, 1, pre,
+                                                  ssl_job, runs, data_id, d_i))
+                    for name in st.names:
+                        jobs.append(_strategy_job(study, train, d, seed, n, names, name, pre[d.main_target], runs, data_id, d_i))
     return _dedupe(jobs)
 
 
@@ -173,6 +188,20 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
     return Job("finetune", d.name, target, arm, seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                steps_factor=factor, needs=source.key if source else None, sites=d.sites, site_splits=d.site_splits,
                priority=_priority(tier, seed, d_i, n, factor))
+
+
+def _strategy_job(study, train, d: StudyData, seed, n, names, strategy, source: Job, runs, data_id, d_i) -> Job:
+    out = runs / d.name / d.main_target / f"seed{seed}" / f"n{n:03d}" / f"end_to_end_{strategy}"
+    cfg = run_config(train, d.stores[d.main_target], out, seed)
+    cfg["finetune"].update(init="end_to_end", label_count=None, label_fraction=None, subset_seed=None,
+                           labeled_ids=str(out / "suggest" / "picks.csv"),
+                           pretrained=str(Path(source.dir) / "pretrain" / "final.pt"))
+    cfg["evaluate"]["checkpoint"] = "best"
+    ident = _identity(cfg, kind="finetune", arm="end_to_end", strategy=strategy, n=n, data=data_id(d.main_target),
+                      source=source.key)
+    return Job("finetune", d.name, d.main_target, "end_to_end", seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
+               strategy=strategy, needs=source.key, sites=d.sites, site_splits=d.site_splits,
+               priority=_priority("strategy", seed, d_i, n, 1))
 
 
 def _get_steps(train: dict[str, Any]) -> int:

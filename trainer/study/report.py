@@ -48,7 +48,8 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
                 if ev["floor_counts"] and all(ev["floor_counts"]):
                     out.append({**base, "arm": "floor", "counts": np.array(ev["floor_counts"])})
             else:
-                out.append({**base, "arm": job.arm, "counts": np.array(ev["counts"])})
+                arm = f"strategy:{job.strategy}" if job.strategy else job.arm
+                out.append({**base, "arm": arm, "counts": np.array(ev["counts"])})
     return out
 
 
@@ -139,6 +140,25 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
     return lines
 
 
+def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:
+    """Which images to label: each strategy's end-to-end model against the arm's random subset (paired by seed)."""
+    from medsass.trainer.study.spec import budget_count
+
+    st = study.strategies
+    if not st or (st.datasets and d.name not in st.datasets):
+        return []
+    ns = sorted({budget_count(b, d.n_labeled_train) for b in st.budgets})
+    key = lambda arm, n: (d.name, where, d.main_target, arm, n, 1)  # noqa: E731
+    cols = [("end_to_end", "random (the arm's subset)")] + [(f"strategy:{s}", s) for s in st.names]
+    lines = ["| labels | " + " | ".join(name for _, name in cols) + " | "
+             + " | ".join(f"{s} − random" for s in st.names) + " |", "|---:|" + "---:|" * (len(cols) + len(st.names))]
+    for n in ns:
+        cells = [fmt(idx.arm(key(a, n), study.bootstrap)) for a, _ in cols]
+        cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def gap_closed(d: StudyData, idx: Index, budgets: dict[int, list[str]], reps: int) -> list[str]:
     """How much of the gap between scratch at n labels and scratch with every label end-to-end pretraining closes."""
     full = max(budgets)
@@ -200,7 +220,7 @@ def pairing_problems(runs: list[dict[str, Any]]) -> list[str]:
     tests: dict[tuple, set] = defaultdict(set)
     for r in runs:
         tests[(r["dataset"], r["eval"])].add(tuple(r["ids"]))
-        if r["n_labels"]:
+        if r["n_labels"] and not r["arm"].startswith("strategy:"):  # suggest's picks differ by design
             labeled[(r["dataset"], r["seed"], r["n_labels"])].add(tuple(r["labeled_ids"]))
     return ([f"{k}: {len(v)} different test sets" for k, v in tests.items() if len(v) > 1]
             + [f"{k}: arms used {len(v)} different label subsets" for k, v in labeled.items() if len(v) > 1])
@@ -230,6 +250,9 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
             n_site = len(idx.ids.get((d.name, f"site:{site}"), ()))
             md += ["", f"### Cross-site: {d.name} models on {site} ({n_site} labeled images, never trained on)", ""]
             md += dataset_section(study, d, idx, budgets, f"site:{site}")
+        strat = strategies_section(study, d, idx, "test")
+        if strat:
+            md += ["", "### Which images to label (`medsass-train suggest` strategies, end-to-end arm, test IoU)", "", *strat]
         conv = convergence(study, d, idx, budgets)
         if conv:
             md += ["", "### Convergence check (scratch, test IoU)", "", *conv]

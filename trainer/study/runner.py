@@ -11,7 +11,7 @@ from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import execute
 from medsass.trainer.study.jobs import Job, StudyData, make_jobs, select
 from medsass.trainer.study.spec import Study, load_study
-from medsass.trainer.study.stores import dataset_stores, labeled_train_count, site_store, split_counts
+from medsass.trainer.study.stores import data_digest, dataset_stores, labeled_train_count, site_store, split_counts
 
 from medsass.manifest import write_json
 
@@ -32,7 +32,9 @@ def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[Study
         stores = dataset_stores(study, spec, log)
         main = next(iter(stores.values()))
         sites = {s.name: site_store(study, s, spec.targets[0], log) for s in spec.sites}
-        out.append(StudyData(spec.name, stores, sites, {s.name: s.splits for s in spec.sites}, labeled_train_count(main)))
+        out.append(StudyData(spec.name, stores, sites, {s.name: s.splits for s in spec.sites}, labeled_train_count(main),
+                             {**{t: data_digest(p) for t, p in stores.items()},
+                              **{f"site:{k}": data_digest(p) for k, p in sites.items()}}))
         counts = split_counts(main)
         log(f"{spec.name}: {counts['pool']} pool records (train + val), {counts['val_labeled']} labeled val, "
             f"{counts['test_labeled']} labeled test, {counts['train_labeled']} labeled train; sites: {', '.join(sites) or 'none'}")

@@ -90,6 +90,23 @@ class SSLSpec:
 
 
 @dataclass
+class StrategiesSpec:
+    """Which images to label (``medsass-train suggest``): each strategy picks the n labeled images of the end-to-end
+    arm from the labeled train split (as if unlabeled), using the pretrained model; compared with the arm's random
+    subset (same seed, same pretrained model, same schedule)."""
+
+    names: list[str] = field(default_factory=lambda: ["diverse", "uncertain", "hybrid"])
+    budgets: list[str] = field(default_factory=lambda: ["2", "5", "10", "25"])
+    datasets: list[str] = field(default_factory=list)  # [] = every dataset of the study
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.names if n not in ("diverse", "uncertain", "hybrid", "random")]
+        if bad:
+            raise ValueError(f"strategies.names: unknown {bad}; choose from diverse, uncertain, hybrid, random "
+                             "(random: suggest's own random order; the end-to-end arm's subset is the baseline)")
+
+
+@dataclass
 class ConvergenceSpec:
     """The convergence check: scratch (or other arms) re-run with ``factor`` x the fine-tune steps."""
 
@@ -112,13 +129,15 @@ class Study:
     other_targets: OtherTargets = field(default_factory=OtherTargets)
     ssl: SSLSpec = field(default_factory=SSLSpec)
     convergence: ConvergenceSpec | None = field(default_factory=ConvergenceSpec)
+    strategies: StrategiesSpec | None = None
     prep: PrepSpec = field(default_factory=PrepSpec)
     jobs: int = 1  # training runs in parallel (processes); each uses train.runtime.threads threads
     keep_final: bool = False  # keep each fine-tune run's final.pt (best.pt, the one evaluated, is always kept)
     bootstrap: int = 2000  # resamples for the paired intervals
 
     def __post_init__(self) -> None:
-        for b in self.budgets + self.other_targets.budgets + (self.convergence.budgets if self.convergence else []):
+        for b in self.budgets + self.other_targets.budgets + (self.convergence.budgets if self.convergence else []) + (
+                self.strategies.budgets if self.strategies else []):
             parse_budget(b)
         arms = self.arms + self.other_targets.arms + (self.convergence.arms if self.convergence else [])
         bad = [a for a in arms if a not in ARMS]

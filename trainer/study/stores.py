@@ -73,6 +73,19 @@ def check_same_records(stores: dict[str, str]) -> None:
         raise MedsassError(f"no labeled test records in {stores[first]}: nothing to evaluate on")
 
 
+def data_digest(store: str) -> str:
+    """What the study's results depend on in a store, independent of where it and its inputs are: the records, their
+    splits and labels, and each pseudo-mask's threshold, polarity and foreground fraction (so a change in prep's
+    thresholding, which would change the pretraining targets, gives new job keys instead of stale results)."""
+    import hashlib
+
+    cols = ["sample_id", "row", "split", "status", "has_label", "threshold", "polarity", "fg_fraction", "degenerate",
+            "label_fg_fraction"]
+    df = read_manifest(store)
+    df = df[[c for c in cols if c in df.columns]].sort_values(["row", "sample_id"]).reset_index(drop=True)
+    return hashlib.sha256(df.to_csv(index=False, float_format="%.6g").encode()).hexdigest()[:16]
+
+
 def labeled_train_count(store: str) -> int:
     return len(select_rows(store, splits=["train"], target="label", exclude_degenerate=False, require_label=True))
 
