@@ -123,14 +123,18 @@ def arms_cmd(config: str, overrides: tuple[str, ...], arms: str, restart: bool, 
 @main.command("demo")
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--workers", default=2, show_default=True, help="Dask workers for the prep step.")
-def demo_cmd(out: str, workers: int) -> None:
-    """Whole method on the bundled CC0 sample (CPU, minutes): prep -> pretrain -> finetune -> evaluate."""
+@_set_opt
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bool) -> None:
+    """Whole method on the bundled CC0 sample (CPU, minutes): prep -> pretrain -> finetune -> evaluate.
+
+    --set changes the demo's training config (trainer/demo.py), e.g. --set pretrain.steps=20 for a quicker run."""
     from medsass.errors import MedsassError
 
     try:
         from medsass.trainer.demo import run_demo
 
-        metrics = run_demo(out, workers=workers)
+        metrics = run_demo(out, workers=workers, progress=not no_progress, overrides=overrides)
     except (MedsassError, FloatingPointError) as exc:
         raise _fail(exc) from None
     for split, m in metrics.items():

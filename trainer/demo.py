@@ -6,6 +6,7 @@ Re-running resumes / skips what is finished, like every medsass command.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,11 @@ DEMO_OVERRIDES = (
 )
 
 
-def run_demo(out: str | Path, *, workers: int = 2, progress: bool = True) -> dict[str, Any]:
-    """Build the sample store and run pretrain -> finetune -> evaluate; returns the evaluate metrics."""
+def run_demo(out: str | Path, *, workers: int = 2, progress: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Build the sample store and run pretrain -> finetune -> evaluate; returns the evaluate metrics.
+
+    ``overrides`` (``KEY=VALUE``, as ``--set``) apply to the training config after the demo's own, e.g.
+    ``pretrain.steps=2`` for a quick check."""
     from medsass.pipeline.build import build
     from medsass.pipeline.config import load_dataset_file
     from medsass.trainer.config import load_config
@@ -40,8 +44,8 @@ def run_demo(out: str | Path, *, workers: int = 2, progress: bool = True) -> dic
     out = Path(out)
     store = out / "sample.zarr"
     prep = load_dataset_file(SAMPLE_DATASET, [f"out={store}", f"runtime.workers={workers}", f"runtime.progress={str(progress).lower()}"])
-    build(prep)
     cfg = load_config("cpu_small", [f"stores.main={store}", f"out_dir={out / 'run'}", f"runtime.progress={str(progress).lower()}",
-                                    *DEMO_OVERRIDES])
+                                    *DEMO_OVERRIDES, *overrides])  # a bad --set fails before the prep step
+    build(prep)
     results = run_stages(cfg)
     return results["evaluate"].metrics or {}
