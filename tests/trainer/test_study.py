@@ -69,7 +69,8 @@ def _study(tmp_path: Path, **extra) -> Path:
         "strategies": {"names": ["diverse", "hybrid"], "budgets": ["5"]},
         "ssl": {"steps": 3, "batch_size": 4},
         "datasets": [{"name": "synth", "store": str(main_store), "targets": ["store"],
-                      "sites": [{"name": "other", "store": str(site)}]}],
+                      "sites": [{"name": "other", "store": str(site)}], "pool_sites": True}],
+        "other_targets": {"arms": ["end_to_end"], "budgets": ["1"]},
         "train": {
             "base": "cpu_small", "model": {"encoder": TINY},
             "pretrain": {"steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 0},
@@ -91,10 +92,10 @@ def test_study_end_to_end_and_resume(tmp_path):
     rows = ledger.read_ledger(tmp_path / "results")
     kinds = sorted((r["kind"], r["arm"]) for r in rows.values())
     # 1 pretrain, 1 ssl, scratch / e2e / enc / ssl at n=1 and n=24 (100%), scratch x2 at n=1
-    assert kinds.count(("pretrain", "pretrain")) == 1 and kinds.count(("ssl", "ssl_pretrain")) == 1
+    assert kinds.count(("pretrain", "pretrain")) == 2 and kinds.count(("ssl", "ssl_pretrain")) == 1  # + pooled with the site
     assert kinds.count(("finetune", "scratch")) == 3 and kinds.count(("finetune", "ssl")) == 2
     picked = [r for r in rows.values() if r.get("strategy")]
-    assert sorted(r["strategy"] for r in picked) == ["diverse", "hybrid"] and len(kinds) == 14  # + the random e2e baseline at n=5
+    assert sorted(r["strategy"] for r in picked) == ["diverse", "hybrid"] and len(kinds) == 16  # + e2e at n=5, pooled e2e
     for r in picked:  # fine-tuned on exactly the suggested images
         picks = tmp_path / f"out/runs/synth/store/seed0/n005/end_to_end_{r['strategy']}/suggest/picks.csv"
         with picks.open() as fh:
@@ -110,12 +111,16 @@ def test_study_end_to_end_and_resume(tmp_path):
             continue  # picked by suggest, not the seeded subset
         by.setdefault((r["seed"], r["n_labels"]), set()).add(tuple(r["labeled_ids"]))
     assert all(len(v) == 1 for v in by.values())
+    pooled = next(r for r in rows.values() if r["kind"] == "pretrain" and r["target"] == "store+sites")
+    pool_cfg = yaml.safe_load((tmp_path / "out/runs/synth/store+sites/seed0/config.yaml").read_text())
+    assert set(pool_cfg["pretrain"]["stores"]) == {"main", "site_other"} and pool_cfg["evaluate"]["stores"] == ["main"]
+    assert set(pooled["evals"]) == {"test", "site:other"}
     # the SSL checkpoint carries a trained encoder and loads into the fine-tune arm
     ssl_final = torch.load(tmp_path / "out/runs/synth/ssl/seed0/pretrain/final.pt", weights_only=True)
     assert ssl_final["mode"] == "encoder_only" and ssl_final["model_args"]["encoder_name"] == TINY
     table = (tmp_path / "results" / "table.md").read_text()
     for text in ("## synth", "Paired differences", "Cross-site", "Convergence check", "Compute", "SimCLR encoder",
-                 "Which images to label", "hybrid − random",
+                 "Which images to label", "hybrid − random", "end-to-end (store+sites)",
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
     assert (tmp_path / "results" / "synth.png").stat().st_size > 1000

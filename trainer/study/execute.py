@@ -82,7 +82,10 @@ def _evaluate_site(job: Job, site: str, store: str, ckpt: Path) -> dict[str, Any
     data = dict(job.config)
     out = Path(job.dir) / f"site_{site}"
     data.update(out_dir=str(out), stores={site: store})
-    data["evaluate"] = {**data.get("evaluate", {}), "checkpoint": str(ckpt), "splits": job.site_splits[site], "overlays": 0}
+    for stage in ("pretrain", "finetune"):  # only the site's store here (a pooled run names the others)
+        data[stage] = {**data.get(stage, {}), "stores": {}}
+    data["evaluate"] = {**data.get("evaluate", {}), "checkpoint": str(ckpt), "splits": job.site_splits[site], "overlays": 0,
+                        "stores": []}
     cfg = load_config(data)
     run_stages(cfg, ["evaluate"])
     per = out / "evaluate" / "per_image.csv"

@@ -50,6 +50,7 @@ class StudyData:
     site_splits: dict[str, list[str]]
     n_labeled_train: int
     digests: dict[str, str] = field(default_factory=dict)  # target -> stores.data_digest (part of every job key)
+    pool_extra: dict[str, dict[str, str]] = field(default_factory=dict)  # target -> more stores pretrained on (weight 1)
 
     @property
     def main_target(self) -> str:
@@ -118,6 +119,7 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
         for seed in study.seeds:
             def data_id(target: str) -> dict[str, Any]:
                 return {"dataset": d.name, "target": target, "prep": prep, "digest": d.digests[target],
+                        "pool": {k: d.digests.get(f"site:{k[5:]}", k) for k in sorted(d.pool_extra.get(target, {}))},
                         "sites": {k: [d.digests.get(f"site:{k}"), d.site_splits[k]] for k in sorted(d.sites)}}
 
             pre: dict[str, Job] = {}
@@ -128,6 +130,11 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                 base = runs / d.name / target / f"seed{seed}"
                 cfg = run_config(train, d.stores[target], base, seed)
                 cfg["evaluate"]["checkpoint"] = "pretrain"
+                extra = d.pool_extra.get(target, {})
+                if extra:  # a pooled pretraining: every store in the pool, scored on the main store as the others
+                    cfg["stores"].update(extra)
+                    cfg["pretrain"]["stores"] = {n: 1.0 for n in cfg["stores"]}
+                    cfg["evaluate"]["stores"] = ["main"]
                 ident = _identity({k: v for k, v in cfg.items() if k != "finetune"}, kind="pretrain", data=data_id(target))
                 pre[target] = Job("pretrain", d.name, target, "pretrain", seed, str(base), cfg, ident, sites=d.sites,
                                   site_splits=d.site_splits,

@@ -117,7 +117,7 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
     lines = ["| labels | " + " | ".join(arm_label(a, t, main) for a, t in arms) + " |",
              "|---:|" + "---:|" * len(arms)]
     for t in d.stores:
-        for arm in ("floor", "zero_shot"):
+        for arm in ("floor", "zero_shot") if t not in d.pool_extra else ("zero_shot",):  # pooled: same masks, same floor
             e = idx.arm(key(arm, t, 0), reps)
             if e is not None:
                 lines.append(f"| {arm_label(arm, t, main)} (no labels) | {fmt(e)} |" + " |" * (len(arms) - 1))
@@ -208,7 +208,8 @@ def compute(d: StudyData, rows: dict[str, dict[str, Any]], jobs: list[Job]) -> l
         for part, sec in r["seconds"].items():
             parts[f"{j.kind}: {part}"] += sec
     for t, store in d.stores.items():
-        parts[f"prep ({t})"] += prep_seconds(store) or 0.0
+        if t not in d.pool_extra:  # a pooled target reuses the main store
+            parts[f"prep ({t})"] += prep_seconds(store) or 0.0
     total = sum(parts.values())
     return ([f"Runs finished: {', '.join(f'{v} {k}' for k, v in sorted(count.items()))}; wall time "
              f"{total / 3600:.2f} h in all (runs in parallel overlap):", ""]
@@ -248,7 +249,10 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
             md += ["", "Gap to the all-labels model closed by end-to-end pretraining:", "", *gap]
         for site in d.sites:
             n_site = len(idx.ids.get((d.name, f"site:{site}"), ()))
-            md += ["", f"### Cross-site: {d.name} models on {site} ({n_site} labeled images, never trained on)", ""]
+            pooled = ", ".join(t for t in d.pool_extra)
+            md += ["", f"### Cross-site: {d.name} models on {site} ({n_site} labeled images, never trained on with labels"
+                   + (f"; the {pooled} models pretrained on the pseudo-masks of its train + val records" if pooled else "")
+                   + ")", ""]
             md += dataset_section(study, d, idx, budgets, f"site:{site}")
         strat = strategies_section(study, d, idx, "test")
         if strat:

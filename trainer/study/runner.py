@@ -32,9 +32,14 @@ def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[Study
         stores = dataset_stores(study, spec, log)
         main = next(iter(stores.values()))
         sites = {s.name: site_store(study, s, spec.targets[0], log) for s in spec.sites}
+        digests = {**{t: data_digest(p) for t, p in stores.items()}, **{f"site:{k}": data_digest(p) for k, p in sites.items()}}
+        pool_extra = {}
+        if spec.pool_sites:
+            pooled = f"{spec.targets[0]}+sites"
+            stores[pooled], digests[pooled] = main, digests[spec.targets[0]]
+            pool_extra[pooled] = {f"site_{k}": p for k, p in sites.items()}
         out.append(StudyData(spec.name, stores, sites, {s.name: s.splits for s in spec.sites}, labeled_train_count(main),
-                             {**{t: data_digest(p) for t, p in stores.items()},
-                              **{f"site:{k}": data_digest(p) for k, p in sites.items()}}))
+                             digests, pool_extra))
         counts = split_counts(main)
         log(f"{spec.name}: {counts['pool']} pool records (train + val), {counts['val_labeled']} labeled val, "
             f"{counts['test_labeled']} labeled test, {counts['train_labeled']} labeled train; sites: {', '.join(sites) or 'none'}")

@@ -47,9 +47,14 @@ class DatasetSpec(StoreSpec):
     # ``other_targets.arms`` / ``other_targets.budgets`` only
     targets: list[str] = field(default_factory=lambda: ["fov_otsu_hull"])
     sites: list[SiteSpec] = field(default_factory=list)
+    # also pretrain on the main target's pseudo-masks of the main pool plus the sites' train + val records (unlabeled,
+    # as a deploying hospital has them): target "<main>+sites", run with other_targets' arms and budgets
+    pool_sites: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.pool_sites and not self.sites:
+            raise ValueError(f"dataset {self.name!r}: pool_sites needs sites")
         if not self.targets:
             raise ValueError(f"dataset {self.name!r}: targets must name at least one threshold method")
         if self.store is not None and self.targets != ["store"]:
