@@ -51,10 +51,18 @@ def test_enospc_wrapped_by_a_library_is_recognised(tmp_path):
     assert disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, "x") is None
 
 
-def test_free_space_check_names_need_and_free(tmp_path):
+def test_free_space_check_names_need_and_free(tmp_path, monkeypatch):
     check_free_space(tmp_path / "not" / "yet" / "made", 1, "a small file")  # the nearest existing parent is asked
-    with pytest.raises(DiskFullError, match=r"needs about 1,048,576 MiB and [\d,]+ MiB are free"):
-        check_free_space(tmp_path, 2**40, "a 1 TiB file")
+    need = shutil.disk_usage(tmp_path).free + 2**40  # more than this disk holds, whatever its size (a fixed 1 TiB was not)
+    with pytest.raises(DiskFullError, match=rf"needs about {need / 2**20:,.0f} MiB and [\d,]+ MiB are free"):
+        check_free_space(tmp_path, need, "a file bigger than the disk")
+
+    # Exact figures, on a pretend disk with 3 TiB free
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=3 * 2**40))
+    check_free_space(tmp_path, 2**40, "a 1 TiB file")
+    with pytest.raises(DiskFullError, match=r"needs about 4,194,304 MiB and 3,145,728 MiB are free"):
+        check_free_space(tmp_path, 4 * 2**40, "a 4 TiB file")
 
 
 def test_checkpoint_on_a_full_disk_keeps_the_previous_file(small_disk):
