@@ -1,4 +1,5 @@
-"""prep -> pretrain -> fine-tune -> evaluate on a real folder, on CPU, through the two CLIs."""
+"""prep -> pretrain -> fine-tune -> evaluate on real images, on CPU, through the two CLIs: on the bundled sample
+(sample_data/, always there, never skipped) and on PH2 dermoscopy from ../shared/data where that folder exists."""
 import json
 from pathlib import Path
 
@@ -8,13 +9,22 @@ from click.testing import CliRunner
 from medsass.pipeline.cli import main as prep
 from medsass.trainer.cli import main as train
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def test_prep_pretrain_finetune_evaluate_on_the_bundled_sample(tmp_path):
+    _prep_pretrain_finetune_evaluate(tmp_path, "sample", n_test=4)  # 16 tiles, test 0.25
 
 
 @pytest.mark.skipif(not (DATA / "ph2_dermoscopy").exists(), reason="../shared/data/ph2_dermoscopy is absent")
 def test_prep_pretrain_finetune_evaluate_on_ph2(tmp_path):
-    store = tmp_path / "ph2.zarr"
-    res = CliRunner().invoke(prep, ["build-masks", "--dataset", str(Path(__file__).resolve().parents[1] / "data_manifests" / "ph2_dermoscopy.yaml"),
+    _prep_pretrain_finetune_evaluate(tmp_path, "ph2_dermoscopy", n_test=8)
+
+
+def _prep_pretrain_finetune_evaluate(tmp_path, dataset: str, n_test: int) -> None:
+    store = tmp_path / f"{dataset}.zarr"
+    res = CliRunner().invoke(prep, ["build-masks", "--dataset", str(REPO / "data_manifests" / f"{dataset}.yaml"),
                                     "--out", str(store), "--size", "64", "--workers", "2", "--no-progress"])
     assert res.exit_code == 0, res.output
     run = tmp_path / "run"
@@ -37,4 +47,4 @@ def test_prep_pretrain_finetune_evaluate_on_ph2(tmp_path):
     ft = [json.loads(l)["loss"] for l in (run / "finetune" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert ft and all(np.isfinite(ft))
     m = json.loads((run / "evaluate" / "metrics.json").read_text())["test"]
-    assert m["n"] == 8 and 0 <= m["iou"] <= 1 and 0 <= m["otsu_floor"]["iou"] <= 1
+    assert m["n"] == n_test and 0 <= m["iou"] <= 1 and 0 <= m["otsu_floor"]["iou"] <= 1
