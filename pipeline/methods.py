@@ -1,5 +1,6 @@
-"""Names of the pseudo-mask methods and polarities (no imports: the CLI and configs validate against these
-without loading scikit-image and SciPy; :mod:`.threshold` implements them)."""
+"""Names of the pseudo-mask methods and polarities, and the foreground limits of a usable pseudo-mask (no imports:
+the CLI and configs, prep's and the trainer's, validate against these without loading scikit-image and SciPy;
+:mod:`.threshold` implements the methods)."""
 from __future__ import annotations
 
 PLAIN_METHODS = ("otsu", "multiotsu", "li", "yen", "triangle")
@@ -7,3 +8,13 @@ PLAIN_METHODS = ("otsu", "multiotsu", "li", "yen", "triangle")
 REGION_METHODS = ("fov_otsu", "fov_otsu_clean", "fov_otsu_hull", "fov_multiotsu_hull")
 METHODS = PLAIN_METHODS + REGION_METHODS
 POLARITIES = ("auto", "bright", "dark")
+
+# A pseudo-mask whose foreground fraction is outside [FG_LOW, FG_HIGH] is flagged (QC) and degenerate: it is not
+# pretrained on. The trainer's self-training rounds use the same limits by default (selftrain.min_fg / max_fg).
+FG_LOW = 0.005  # flag "fg_low" below this foreground fraction
+FG_HIGH = 0.995  # flag "fg_high" above it
+
+
+def fg_flags(fg: float) -> tuple[str, ...]:
+    """The QC flags of a foreground fraction: ``("fg_low",)``, ``("fg_high",)`` or none."""
+    return ("fg_low",) if fg < FG_LOW else ("fg_high",) if fg > FG_HIGH else ()

@@ -20,6 +20,7 @@ from medsass.errors import InputError
 from . import geometry
 from .intensity import to_uint8
 from .labels import binarize
+from .methods import fg_flags
 from .plan import PlanEntry
 
 IN_MEMORY_MAX_BYTES = 64 << 20  # smaller PNG/JPEG/GIF/BMP files are read once into memory
@@ -119,7 +120,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             p = places[k]
             crop_mask = pm.mask[p.crop_y : p.crop_y + p.crop_height, p.crop_x : p.crop_x + p.crop_width]
             fg = float(crop_mask.mean()) if mode == "tile" else pm.fg_fraction
-            flags = [f for f in pm.flags if f == "constant"] + _fg_flags(fg)
+            flags = [f for f in pm.flags if f == "constant"] + list(fg_flags(fg))
             meta = manifest.empty_row(
                 **base_row(e, sha), sample_id=sample_id(e, fidx, p), frame=fidx, status="ok", row=r,
                 orig_height=gray.shape[0], orig_width=gray.shape[1], orig_dtype=str(frame.meta.get("orig_dtype", gray.dtype)),
@@ -138,10 +139,6 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
                 meta.update(label_status=lstatus, label_reason=lreason)
             out.append(Record(r, geometry.place_image(u8, p, size), geometry.place_mask(pm.mask, p, size), label_c, meta))
     return out
-
-
-def _fg_flags(fg: float) -> list[str]:
-    return ["fg_low"] if fg < 0.005 else ["fg_high"] if fg > 0.995 else []
 
 
 def _read_label(e: PlanEntry, frames: list[int], max_pixels: int) -> tuple[dict[int, np.ndarray], str, str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medsass.pipeline.methods import FG_HIGH, FG_LOW
 from medsass.trainer.augment import AugmentConfig
 
 from medsass import configio
@@ -154,8 +155,8 @@ class SelfTrainConfig:
     # target's (label-free; undoes the inflation the FN-heavy loss gives p: at 0.5 the masks grow every round), or a number
     threshold: float | Literal["match_fg"] = "match_fg"
     source: str | None = None  # round 0's model (.pt or run folder); null = <out_dir>/pretrain/final.pt (trained first if missing)
-    min_fg: float = 0.005  # a new pseudo-label with a smaller foreground fraction is degenerate (not pretrained on)
-    max_fg: float = 0.995  # ... or with a larger one
+    min_fg: float = FG_LOW  # a new pseudo-label with a smaller foreground fraction is degenerate (not pretrained on)
+    max_fg: float = FG_HIGH  # ... or with a larger one (both default to prep's QC limits)
     evaluate: bool = True  # zero-shot IoU of every round's model on evaluate.splits' labeled records
 
     def __post_init__(self) -> None:

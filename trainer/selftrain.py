@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from medsass.pipeline.methods import FG_HIGH, FG_LOW
+
 from medsass import manifest as manifest_mod
 from medsass import store as store_mod
 from medsass.errors import ConfigError, StoreError
@@ -166,8 +168,8 @@ def match_threshold(hist: np.ndarray, target_fg: float) -> float:
 
 def relabel(
     store: str | Path, checkpoint: str | Path, name: str, *, splits: Sequence[str], mode: str = "hard",
-    threshold: float | str = 0.5, parent_target: str = "pseudo_mask", round: int = 1, min_fg: float = 0.005,
-    max_fg: float = 0.995, batch_size: int = 32, dist=None, amp=None,
+    threshold: float | str = 0.5, parent_target: str = "pseudo_mask", round: int = 1, min_fg: float = FG_LOW,
+    max_fg: float = FG_HIGH, batch_size: int = 32, dist=None, amp=None,
 ) -> dict[str, Any]:
     """Write ``pseudo_labels/<name>`` of ``store`` from ``checkpoint``'s predictions on ``splits``; returns its provenance.
 
