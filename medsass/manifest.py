@@ -195,12 +195,9 @@ def check_schema_version(version: Any, *, where: str) -> None:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file (streamed)."""
-    h = hashlib.sha256()
+    """sha256 (hex) of a file, streamed: the one file hash of medsass (inputs, manifests, checkpoints)."""
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def manifest_digest(store: str | Path) -> str:

@@ -35,14 +35,6 @@ class Record:
     meta: dict[str, Any]  # manifest row
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sample_id(e: PlanEntry, frame: int, p: geometry.Placement) -> str:
     sid = e.sample_base
     if e.n_frames > 1:
@@ -75,7 +67,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             data = Path(e.source).read_bytes()  # one read serves the hash and the decoder
             sha = hashlib.sha256(data).hexdigest()
         else:
-            sha = sha256_file(e.source)
+            sha = manifest.file_digest(e.source)
     except OSError as exc:
         return _failed(e, wanted, "", "unreadable", f"cannot read the file: {exc}")
     try:
