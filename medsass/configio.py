@@ -197,6 +197,17 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) of every leaf that differs between two plain-data trees, keys in sorted
+    order; a key missing on one side is None there. Used where a store or a run is re-opened with another config."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(old) | set(new)):
+            out.update(diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else f"{key}"))
+        return out
+    return {} if old == new else {prefix or "<root>": (old, new)}
+
+
 def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
     text = yaml.safe_dump(to_dict(obj), sort_keys=False)
     if path is not None:
@@ -222,4 +233,4 @@ def _deepcopy(value: Any) -> Any:
     return value
 
 
-__all__ = ["apply_overrides", "dump_yaml", "from_dict", "load", "read_yaml", "to_dict", "typing"]
+__all__ = ["apply_overrides", "diff", "dump_yaml", "from_dict", "load", "read_yaml", "to_dict", "typing"]

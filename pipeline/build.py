@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medsass import __version__, jsonl, manifest, store
+from medsass import __version__, configio, jsonl, manifest, store
 from medsass.errors import InputError, MedsassWarning, StoreError, disk_full
 
 from . import plan as planmod
@@ -124,7 +124,7 @@ def _prepare_output(out: Path, cfg: BuildConfig, overwrite: bool) -> None:
         if old.get("params_digest") != cfg.params_digest():
             if not overwrite:
                 old_params = old.get("params", {})
-                diff = _diff(old_params, cfg.output_params())
+                diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in configio.diff(old_params, cfg.output_params()).items())
                 hint = ""
                 old_method = old_params.get("threshold", {}).get("method")
                 if old_method and old_method != cfg.threshold.method:  # e.g. a store made before the default changed
@@ -139,19 +139,6 @@ def _prepare_output(out: Path, cfg: BuildConfig, overwrite: bool) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not params_file.exists():
         manifest.write_json({"params": cfg.output_params(), "params_digest": cfg.params_digest()}, params_file)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> str:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            d = _diff(a, b, f"{prefix}{k}.")
-            if d:
-                out.append(d)
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return "; ".join(out)
 
 
 def _salt(cfg: BuildConfig, work: Path) -> str:

@@ -74,3 +74,11 @@ def test_non_utf8_config_file_is_a_one_line_config_error_naming_it(tmp_path, con
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and str(path) in lines[0] and "UTF-8" in lines[0], result.output
+
+
+def test_diff_names_each_changed_leaf_by_its_dotted_key_with_both_values():
+    old = {"a": 1, "b": {"c": 2, "d": [1, 2]}, "gone": "x", "e": {"f": 1}}
+    new = {"a": 1, "b": {"c": 3, "d": [1, 2]}, "added": None, "new": True, "e": 5}
+    assert configio.diff(old, new) == {"b.c": (2, 3), "e": ({"f": 1}, 5), "gone": ("x", None), "new": (None, True)}
+    assert configio.diff(old, old) == {}
+    assert configio.diff(None, {"a": 1}) == {"<root>": (None, {"a": 1})}  # e.g. a marker written without a section

@@ -286,10 +286,3 @@ def stage_section(cfg: TrainConfig, stage: str) -> dict[str, Any]:
         section["labeled_ids_sha256"] = sample_ids_digest(read_sample_ids(cfg.finetune.labeled_ids))
     return section
 
-
-def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain-data trees."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in diff_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)]
-    return [] if old == new else [prefix or "<root>"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medsass.trainer import checkpoint as ckpt_mod
-from medsass.trainer.config import STAGES, TrainConfig, diff_keys, stage_section
+from medsass.trainer.config import STAGES, TrainConfig, stage_section
 
 from medsass import configio
 from medsass.errors import ConfigError, StoreError
@@ -261,7 +261,7 @@ def _check_existing(config: TrainConfig, plan: StagePlan, digests: dict[str, dic
     hint = "use --restart to redo it, or another out_dir"
     if done.exists():
         marker = read_json(done)
-        changed = diff_keys(marker.get("section"), section)
+        changed = list(configio.diff(marker.get("section"), section))
         if plan.stage == "evaluate":
             plan.skip = not changed and ckpt_mod.same_file(marker.get("checkpoint"), plan.source)
             return  # evaluate is cheap: a changed config or checkpoint just runs it again
@@ -277,7 +277,7 @@ def _check_existing(config: TrainConfig, plan: StagePlan, digests: dict[str, dic
     if found is None:
         return
     ck, last = found
-    changed = diff_keys(ck.get("section"), section)
+    changed = list(configio.diff(ck.get("section"), section))
     if changed:
         raise ConfigError(f"{last} was written with a different config ({', '.join(changed)}); {hint}")
     ckpt_mod.check_stores(ck, digests, where=str(last), allow_changed=allow_changed)

@@ -5,7 +5,6 @@ import pytest
 from medsass.trainer.config import (
     CONFIG_DIR,
     TrainConfig,
-    diff_keys,
     load_config,
     stage_section,
     with_overrides,
@@ -91,9 +90,9 @@ def test_stage_stores_and_weights():
 def test_stage_section_ignores_runtime_and_other_stages():
     cfg = load_config(MINIMAL)
     other = with_overrides(cfg, ["runtime.num_workers=0", "finetune.steps=3", "evaluate.splits=[val]"])
-    assert diff_keys(stage_section(cfg, "pretrain"), stage_section(other, "pretrain")) == []
+    assert list(configio.diff(stage_section(cfg, "pretrain"), stage_section(other, "pretrain"))) == []
     changed = with_overrides(cfg, ["pretrain.lr=0.1", "model.encoder=resnet18"])
-    assert diff_keys(stage_section(cfg, "pretrain"), stage_section(changed, "pretrain")) == ["model.encoder", "pretrain.lr"]
+    assert list(configio.diff(stage_section(cfg, "pretrain"), stage_section(changed, "pretrain"))) == ["model.encoder", "pretrain.lr"]
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
