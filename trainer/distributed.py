@@ -12,6 +12,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from medsass.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -29,12 +33,17 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+def pick_device(preference: str, local_rank: int = 0, *, option: str = "runtime.device") -> torch.device:
+    """The torch device of ``preference`` (one of :data:`DEVICES`; auto: CUDA when torch sees it): on CUDA, GPU
+    ``local_rank``, made the current one. ``option`` names the setting in errors (``runtime.device``, ``--device``)."""
+    def setting(value: str) -> str:
+        return f"{option} {value}" if option.startswith("-") else f"{option}={value}"
+
+    if preference not in DEVICES:
+        raise ConfigError(f"{setting(repr(preference))}: use auto, cpu or cuda")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from medsass.errors import ConfigError
-
-            raise ConfigError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
+            raise ConfigError(f"{setting('cuda')} but torch sees no CUDA device; use {setting('cpu')} or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from medsass.pipeline import geometry
 from medsass.pipeline.intensity import to_uint8
+from medsass.trainer.distributed import pick_device
 
 from medsass.errors import ConfigError, InputError, SkipInput, StoreError
 from medsass.manifest import atomic_write_bytes
@@ -117,14 +118,6 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
     model = build_model(ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
-
-
-def pick_device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def find_inputs(inputs: Sequence[str | Path], out: Path) -> tuple[list[InputFile], list[dict[str, Any]]]:
@@ -221,7 +214,7 @@ def predict(
     path = ck.resolve(checkpoint, "finetune")
     state = ck.load(path)
     prep = prep_from_checkpoint(state, where=f"checkpoint {path}", store=store)
-    dev = pick_device(device)
+    dev = pick_device(device, option="--device")
     return predict_files(load_model(state, dev), prep, inputs, out, device=dev, batch_size=batch_size,
                          threshold=threshold, probabilities=probabilities)
 

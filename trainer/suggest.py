@@ -259,7 +259,7 @@ def suggest(checkpoint: str | Path, store: str | Path, n: int, out: str | Path, 
             include_degenerate: bool = False, progress: bool = False, pool: str = "unlabeled") -> dict[str, Any]:
     """Rank ``n`` candidates of ``store`` with the model of ``checkpoint`` (a .pt, or a run folder: its
     pretrain/final.pt); write OUT/picks.csv, OUT/gallery.html and OUT/suggest.json. Returns suggest.json's data."""
-    from medsass.trainer.predict import pick_device
+    from medsass.trainer.distributed import pick_device
     from medsass.trainer.suggest_gallery import write_gallery
 
     from medsass.store import open_store
@@ -274,7 +274,7 @@ def suggest(checkpoint: str | Path, store: str | Path, n: int, out: str | Path, 
     if n > len(cand):
         raise StoreError(f"--n {n} but {store} has only {len(cand)} candidate records (unlabeled, train split, usable "
                          f"pseudo-mask; left out: {excluded}); lower --n" + ("" if include_degenerate else " or add --include-degenerate"))
-    dev = pick_device(device)
+    dev = pick_device(device, option="--device")
     path, state, model, amp = _load(checkpoint, dev, size=info.size, threads=threads)
     rows = cand["row"].to_numpy(np.int64)
     need_emb, need_scores = strategy in ("diverse", "hybrid"), strategy in ("uncertain", "hybrid")
