@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from unittest import mock
 
 from tqdm.auto import tqdm
 
@@ -40,6 +39,20 @@ DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
 def dashboard_address(given: str | None = None) -> str:
     """``given`` (the --dashboard-address flag), else $MEDSASS_DASHBOARD_ADDRESS, else 127.0.0.1 on a free port."""
     return given or os.environ.get(DASHBOARD_ENV) or DEFAULT_DASHBOARD_ADDRESS
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """The block runs with ``values`` set in this process's environment, which is then put back exactly as it was:
+    Dask's nanny writes its own pre-spawn variables (ours, PYTHONHASHSEED) into it while it starts the workers."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
 
 
 def default_workers() -> int:
@@ -65,7 +78,7 @@ def dask_client(
     else:
         # Dask's nanny prefers a variable already in the environment over its config, and every Dask cluster started
         # in this process leaves MALLOC_TRIM_THRESHOLD_=65536 there: set ours in the environment while it starts.
-        with dask.config.set(LOCAL_WORKER_CONFIG), mock.patch.dict(os.environ, WORKER_MALLOC_ENV):
+        with dask.config.set(LOCAL_WORKER_CONFIG), environment(WORKER_MALLOC_ENV):
             cluster = LocalCluster(
                 n_workers=workers or default_workers(),
                 threads_per_worker=1,

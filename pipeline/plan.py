@@ -118,10 +118,6 @@ def allocate_rows(entries: Sequence[PlanEntry]) -> int:
     return row
 
 
-def entries_in_rows(entries: Sequence[PlanEntry], start: int, stop: int) -> list[PlanEntry]:
-    return [e for e in entries if e.row_start >= 0 and e.row_start < stop and e.row_start + e.n_records > start]
-
-
 def common_parent(paths: Sequence[str]) -> str:
     if not paths:
         return ""
@@ -148,10 +144,6 @@ def from_table(table: pa.Table) -> list[PlanEntry]:
         d["extra"] = json.loads(d["extra"]) if d.get("extra") else {}
         out.append(PlanEntry(**d))
     return out
-
-
-def fingerprint(entries: Sequence[PlanEntry]) -> list[tuple[str, int, int]]:
-    return [(e.source, e.size_bytes, e.mtime_ns) for e in entries]
 
 
 def geometry_dict(cfg: BuildConfig) -> dict:

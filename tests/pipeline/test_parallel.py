@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import dask
-from medsass.pipeline.parallel import WORKER_MALLOC_ENV, dask_client, run_tasks
+from medsass.pipeline.parallel import WORKER_MALLOC_ENV, dask_client, environment, run_tasks
 
 
 def _worker_settings() -> tuple[dict, bool]:
@@ -19,6 +19,17 @@ def test_local_workers_get_the_malloc_env_and_no_profiler(monkeypatch):
     assert env == WORKER_MALLOC_ENV and profiling is False
     assert results == {0: 8, 1: 9}
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is left as it was
+
+
+def test_environment_sets_variables_for_the_block_then_restores_all_of_them(monkeypatch):
+    monkeypatch.setenv("MEDSASS_T_KEPT", "before")
+    monkeypatch.delenv("MEDSASS_T_NEW", raising=False)
+    monkeypatch.delenv("MEDSASS_T_STRAY", raising=False)
+    with environment({"MEDSASS_T_KEPT": "inside", "MEDSASS_T_NEW": "1"}):
+        assert (os.environ["MEDSASS_T_KEPT"], os.environ["MEDSASS_T_NEW"]) == ("inside", "1")
+        os.environ["MEDSASS_T_STRAY"] = "x"  # as Dask's nanny writes PYTHONHASHSEED while it starts workers
+    assert os.environ["MEDSASS_T_KEPT"] == "before"
+    assert "MEDSASS_T_NEW" not in os.environ and "MEDSASS_T_STRAY" not in os.environ
 
 
 def test_dashboard_only_when_someone_is_told_where(capsys, monkeypatch):
