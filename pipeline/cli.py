@@ -207,6 +207,29 @@ def add_labels_cmd(store, labels, label_pattern, stem_regex, pairs):
     _run(go)
 
 
+@main.command("share", epilog="Exit codes: 0 written; 2 bad usage, a store that is not finished, or OUT taken; 1 unexpected error.")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--salt", envvar="MEDSASS_SALT", help="The store's salt, only if it was built with one (it then keeps none); "
+              "env MEDSASS_SALT. Prefer --salt-file: the command line shows in `ps`.")
+@click.option("--salt-file", type=click.Path(exists=True, dir_okay=False), help="Read that salt from this file.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT when it holds an earlier shared copy.")
+def share_cmd(store, out, salt, salt_file, overwrite):
+    """Write a copy of STORE to OUT that carries no path, file name, DICOM identifier or salt.
+
+    Sample ids become opaque (the same on every re-share); the mapping back stays in STORE/_medsass/share/ (mode
+    0600). Pixels are copied as they are: text burned into the images is NOT removed. See data_manifests/SCHEMA.md."""
+    salt = _salt_option(salt, salt_file)
+
+    def go() -> int:
+        from .share import format_summary, share_store
+
+        click.echo(format_summary(share_store(store, out, salt=salt, overwrite=overwrite)))
+        return 0
+
+    _run(go)
+
+
 def _run(fn) -> None:
     try:
         code = fn()
