@@ -45,6 +45,7 @@ from . import geometry
 from .config import LabelSource
 from .labels import LabelIndex
 from .process import place_label, read_mask, shape_mismatch_reason
+from .shards import part_path
 
 EXIT_OK, EXIT_SOME_REJECTED = 0, 3
 FOLDER = "add_labels"
@@ -388,8 +389,6 @@ def _log(path: Path, entry: dict) -> None:
 
 def _update_parts(out: Path, shard_records: int, values: dict[int, dict]) -> None:
     """Give build-masks' per-shard manifest parts the new label values (its re-assembly then keeps them)."""
-    from .build import part_path
-
     for shard in sorted({r // shard_records for r in values}):
         path = part_path(out, shard)
         if not path.exists():

@@ -9,9 +9,25 @@ import numpy as np
 from medsass import manifest, store
 
 
+def manifest_counts(df) -> dict[str, Any]:
+    """Counts of a manifest (a DataFrame): rows by status, inputs, labeled and degenerate records, records by split,
+    failed and skipped rows by reason code. build-masks writes them into the summary; ``inspect`` reports them."""
+    ok = df[df.status == "ok"]
+    return {
+        "counts": {s: int((df.status == s).sum()) for s in manifest.STATUSES},
+        "n_inputs": int(df.source.nunique()),
+        "n_labeled": int(ok.has_label.sum()),
+        "n_degenerate": int(ok.degenerate.sum()),
+        "splits": {k: int(v) for k, v in ok.split.value_counts().sort_index().items()},
+        "failures_by_code": {k: int(v) for k, v in df[df.status == "failed"].groupby("reason_code").size().sort_index().items()},
+        "skipped_by_code": {k: int(v) for k, v in df[df.status == "skipped"].groupby("reason_code").size().sort_index().items()},
+    }
+
+
 def inspect_store(path: str | Path) -> dict[str, Any]:
     _, info = store.open_store(path)
     df = manifest.read_manifest(path)
+    c = manifest_counts(df)
     ok = df[df.status == "ok"]
     flags: dict[str, int] = {}
     for s in ok.qc_flags:
@@ -27,20 +43,20 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
         "size": info.size,
         "n_records": len(df),
         "n_rows": info.n_records,
-        "n_ok": len(ok),
-        "n_failed": len(failed),
-        "n_skipped": len(skipped),
-        "n_inputs": int(df.source.nunique()),
-        "n_labeled": int(ok.has_label.sum()),
-        "n_degenerate": int(ok.degenerate.sum()),
-        "splits": {k: int(v) for k, v in ok.split.value_counts().sort_index().items()},
+        "n_ok": c["counts"]["ok"],
+        "n_failed": c["counts"]["failed"],
+        "n_skipped": c["counts"]["skipped"],
+        "n_inputs": c["n_inputs"],
+        "n_labeled": c["n_labeled"],
+        "n_degenerate": c["n_degenerate"],
+        "splits": c["splits"],
         "labeled_by_split": {k: int(v) for k, v in ok[ok.has_label].split.value_counts().sort_index().items()},
         "polarity": {k: int(v) for k, v in ok.polarity.value_counts().sort_index().items()},
         "qc_flags": dict(sorted(flags.items())),
         "fg_fraction": _summary(fg),
         "label_status": {k: int(v) for k, v in ok.label_status.value_counts().sort_index().items() if k},
-        "failures_by_code": {k: int(v) for k, v in failed.groupby("reason_code").size().sort_index().items()},
-        "skipped_by_code": {k: int(v) for k, v in skipped.groupby("reason_code").size().sort_index().items()},
+        "failures_by_code": c["failures_by_code"],
+        "skipped_by_code": c["skipped_by_code"],
         "failures": [{"source": s, "reason": r, "code": c} for s, r, c in zip(failed.source, failed.reason, failed.reason_code)],
         "skipped": [{"source": s, "reason": r, "code": c} for s, r, c in zip(skipped.source, skipped.reason, skipped.reason_code)],
     }

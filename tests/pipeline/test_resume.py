@@ -70,7 +70,8 @@ def test_runs_log_after_a_torn_line_stays_valid_json_lines(tmp_path):
 def test_a_torn_manifest_part_is_redone_on_resume(tmp_path, dask_scheduler):
     """Parts are written atomically; a torn one (a store copied mid-build, a bad disk) means its shard is written again."""
     import pytest
-    from medsass.pipeline.build import build, part_path
+    from medsass.pipeline.build import build
+    from medsass.pipeline.shards import part_path
     from medsass.pipeline.config import BuildConfig, Source
 
     from medsass.errors import MedsassWarning
