@@ -84,17 +84,30 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             value = yaml.safe_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        _set_key(out, key, value, item)
     return out
+
+
+def set_values(data: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with each dotted key of ``values`` set to its value (values already typed, e.g. from CLI
+    flags, where :func:`apply_overrides` parses strings)."""
+    out = _deepcopy(dict(data))
+    for key, value in values.items():
+        _set_key(out, key, value, f"{key}={value!r}")
+    return out
+
+
+def _set_key(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
@@ -233,4 +246,4 @@ def _deepcopy(value: Any) -> Any:
     return value
 
 
-__all__ = ["apply_overrides", "diff", "dump_yaml", "from_dict", "load", "read_yaml", "to_dict", "typing"]
+__all__ = ["apply_overrides", "diff", "dump_yaml", "from_dict", "load", "read_yaml", "set_values", "to_dict", "typing"]

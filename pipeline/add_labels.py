@@ -42,7 +42,7 @@ from medsass.atomic import atomic_open
 from medsass.errors import ConfigError, InputError, StoreError, disk_full
 
 from . import geometry
-from .config import LabelSource
+from .config import LabelSource, resolve_path
 from .labels import LabelIndex
 from .process import place_label, read_mask, shape_mismatch_reason
 from .shards import part_path
@@ -112,13 +112,8 @@ def _request(labels_dir, pattern, stem_regex, pairs) -> dict:
     if pairs and (pattern or stem_regex):
         raise ConfigError("--label-pattern and --stem-regex apply to --labels DIR; a --pairs CSV names each mask itself")
 
-    def absolute(p: str | None) -> str | None:  # as pipeline.config.resolve_paths does for build-masks
-        if p is None:
-            return None
-        p = os.path.expanduser(os.path.expandvars(p))
-        return p if os.path.isabs(p) else str((Path.cwd() / p).resolve())
-
-    spec = LabelSource(dir=absolute(labels_dir), stem_regex=stem_regex, pairs=absolute(pairs))
+    cwd = Path.cwd()  # as build-masks resolves its --labels and --pairs
+    spec = LabelSource(dir=resolve_path(labels_dir, cwd), stem_regex=stem_regex, pairs=resolve_path(pairs, cwd))
     if pattern:
         spec.pattern = pattern
     return {"dir": spec.dir, "pattern": spec.pattern, "stem_regex": spec.stem_regex, "pairs": spec.pairs}

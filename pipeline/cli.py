@@ -75,7 +75,6 @@ def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, 
                 shard_records, max_pixels, salt, salt_file, overwrite, retry_failed, strict, no_progress, dashboard_address,
                 overrides):
     """Build a store from INPUT files/folders (recursive; formats detected by content)."""
-    sets = list(overrides)
     salt = _salt_option(salt, salt_file)
     label_opts = {"dir": labels, "pattern": label_pattern, "stem_regex": stem_regex, "pairs": pairs}
     flag_map = {
@@ -90,7 +89,7 @@ def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, 
     if split_spec:
         for k, v in _split_spec(split_spec).items():
             flag_map[f"split.{k}"] = v
-    _run(lambda: _build(inputs, dataset, label_opts, flag_map, sets, overwrite, retry_failed))
+    _run(lambda: _build(inputs, dataset, label_opts, flag_map, list(overrides), overwrite, retry_failed))
 
 
 def _salt_option(salt: str | None, salt_file: str | None) -> str | None:
@@ -110,37 +109,14 @@ def _salt_option(salt: str | None, salt_file: str | None) -> str | None:
 
 
 def _build(inputs, dataset, label_opts, flag_map, sets, overwrite, retry_failed) -> int:
-    from medsass import configio
-
     from .build import build
-    from .config import BuildConfig, load_dataset_file, resolve_paths
+    from .config import IncompleteCommand, command_line_config
     from .inspect_store import format_report, inspect_store
 
-    scalar = {k: v for k, v in flag_map.items() if v is not None}
-    if dataset:
-        cfg = load_dataset_file(dataset, sets)
-        data = configio.to_dict(cfg)
-    else:
-        if not inputs:
-            raise click.UsageError("give INPUT files/folders or --dataset FILE")
-        data = configio.apply_overrides({}, sets)
-        data.setdefault("sources", [])
-    if inputs:
-        labels = {k: v for k, v in label_opts.items() if v is not None}
-        data["sources"] = [{"path": p, "labels": labels} for p in inputs]
-    elif any(v is not None for v in label_opts.values()):
-        for src in data["sources"]:
-            src["labels"].update({k: v for k, v in label_opts.items() if v is not None})
-    if "out" not in scalar and not data.get("out"):
-        raise click.UsageError("--out STORE.zarr is required")
-    data = configio.apply_overrides(data, [])
-    for key, value in scalar.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    cfg = resolve_paths(configio.from_dict(BuildConfig, data), Path.cwd())
+    try:
+        cfg = command_line_config(inputs=inputs, dataset=dataset, labels=label_opts, flags=flag_map, overrides=sets)
+    except IncompleteCommand as exc:
+        raise click.UsageError(str(exc)) from None
     result = build(cfg, overwrite=overwrite, retry_failed=retry_failed)
     click.echo(format_report(inspect_store(result.store), max_list=10))
     if result.counts.get("failed"):

@@ -1,7 +1,7 @@
 """Typed configuration of ``build-masks``: CLI flags and dataset files (``--dataset NAME.yaml``) map here.
 
 A dataset file is this dataclass in YAML (see ``data_manifests/*.yaml``); relative paths in it are
-resolved against the file's folder. CLI flags override it.
+resolved against the file's folder. CLI flags override it: :func:`command_line_config` merges the two.
 """
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from medsass import configio
 from medsass.errors import ConfigError
+
+from .methods import METHODS, unknown_method
 
 
 @dataclass
@@ -59,10 +62,8 @@ class ThresholdConfig:
     intensity: Literal["percentile", "minmax"] = "percentile"  # how non-8-bit images map to uint8
 
     def __post_init__(self) -> None:
-        from .methods import METHODS
-
         if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not a method prep knows; choose one of {', '.join(METHODS)}")
+            raise ValueError(f"method {unknown_method(self.method)}")
 
 
 @dataclass
@@ -118,7 +119,39 @@ class BuildConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_dataset_file(path: str | Path, overrides: list[str] = ()) -> BuildConfig:
+class IncompleteCommand(ConfigError):
+    """A command line without a dataset file that lacks inputs or an output store (a usage error)."""
+
+
+def command_line_config(*, inputs: Sequence[str] = (), dataset: str | Path | None = None,
+                        labels: Mapping[str, str | None] | None = None, flags: Mapping[str, Any] | None = None,
+                        overrides: Sequence[str] = (), cwd: Path | None = None) -> BuildConfig:
+    """The config of one ``build-masks`` command line. Later wins: the dataset file, its ``--set KEY=VALUE``
+    ``overrides``, the ``inputs`` (they replace the file's sources), the label flags (``labels``: LabelSource field ->
+    value, for every source) and the other flags (``flags``: dotted key -> value). None means a flag was not given.
+    The dataset file's relative paths are relative to its folder, the command line's to ``cwd`` (default: the
+    current folder)."""
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    label_values = {k: v for k, v in (labels or {}).items() if v is not None}
+    if dataset:
+        data = configio.to_dict(load_dataset_file(dataset, overrides))
+    else:
+        if not inputs:
+            raise IncompleteCommand("give INPUT files/folders or --dataset FILE")
+        data = configio.apply_overrides({}, overrides)
+        data.setdefault("sources", [])
+    if inputs:
+        data["sources"] = [{"path": p, "labels": dict(label_values)} for p in inputs]
+    elif label_values:
+        for src in data["sources"]:
+            src["labels"].update(label_values)
+    if "out" not in given and not data.get("out"):
+        raise IncompleteCommand("--out STORE.zarr is required")
+    cfg = configio.from_dict(BuildConfig, configio.set_values(data, given))
+    return resolve_paths(cfg, Path.cwd() if cwd is None else cwd)
+
+
+def load_dataset_file(path: str | Path, overrides: Sequence[str] = ()) -> BuildConfig:
     """Read ``data_manifests/NAME.yaml``; paths in it are relative to the file's folder."""
     path = Path(path)
     data = configio.read_yaml(path)
@@ -128,21 +161,24 @@ def load_dataset_file(path: str | Path, overrides: list[str] = ()) -> BuildConfi
     return resolve_paths(cfg, path.parent)
 
 
-def resolve_paths(cfg: BuildConfig, base: Path) -> BuildConfig:
-    def res(p: str | None) -> str | None:
-        if p is None:
-            return None
-        p = os.path.expanduser(os.path.expandvars(p))
-        return str((base / p).resolve()) if not os.path.isabs(p) else p
+def resolve_path(path: str | None, base: Path) -> str | None:
+    """``path`` with ``~`` and ``$VARS`` expanded; a relative one made absolute against ``base``."""
+    if path is None:
+        return None
+    path = os.path.expanduser(os.path.expandvars(path))
+    return str((base / path).resolve()) if not os.path.isabs(path) else path
 
+
+def resolve_paths(cfg: BuildConfig, base: Path) -> BuildConfig:
+    """The config's input, label and groups paths resolved against ``base`` (see :func:`resolve_path`)."""
     for src in cfg.sources:
-        src.path = res(src.path)
-        src.labels.dir = res(src.labels.dir)
-        src.labels.pairs = res(src.labels.pairs)
+        src.path = resolve_path(src.path, base)
+        src.labels.dir = resolve_path(src.labels.dir, base)
+        src.labels.pairs = resolve_path(src.labels.pairs, base)
         if src.labels.stem_regex:
             try:
                 re.compile(src.labels.stem_regex)
             except re.error as exc:
                 raise ConfigError(f"labels.stem_regex {src.labels.stem_regex!r} is not a valid regex: {exc}") from None
-    cfg.split.groups_csv = res(cfg.split.groups_csv)
+    cfg.split.groups_csv = resolve_path(cfg.split.groups_csv, base)
     return cfg

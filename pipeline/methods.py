@@ -9,6 +9,11 @@ REGION_METHODS = ("fov_otsu", "fov_otsu_clean", "fov_otsu_hull", "fov_multiotsu_
 METHODS = PLAIN_METHODS + REGION_METHODS
 POLARITIES = ("auto", "bright", "dark")
 
+
+def unknown_method(name: str) -> str:
+    """What to tell someone who asked for a method prep does not know."""
+    return f"{name!r} is not a method prep knows; choose one of {', '.join(METHODS)}"
+
 # A pseudo-mask whose foreground fraction is outside [FG_LOW, FG_HIGH] is flagged (QC) and degenerate: it is not
 # pretrained on. The trainer's self-training rounds use the same limits by default (selftrain.min_fg / max_fg).
 FG_LOW = 0.005  # flag "fg_low" below this foreground fraction

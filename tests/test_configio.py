@@ -82,3 +82,11 @@ def test_diff_names_each_changed_leaf_by_its_dotted_key_with_both_values():
     assert configio.diff(old, new) == {"b.c": (2, 3), "e": ({"f": 1}, 5), "gone": ("x", None), "new": (None, True)}
     assert configio.diff(old, old) == {}
     assert configio.diff(None, {"a": 1}) == {"<root>": (None, {"a": 1})}  # e.g. a marker written without a section
+
+
+def test_set_values_sets_typed_values_at_dotted_keys_on_a_copy():
+    data = {"a": {"b": 1}, "c": None}
+    out = configio.set_values(data, {"a.b": "yes", "c.d": 2, "e": [1]})
+    assert out == {"a": {"b": "yes"}, "c": {"d": 2}, "e": [1]} and data == {"a": {"b": 1}, "c": None}
+    with pytest.raises(ConfigError, match="'b' is not a section"):
+        configio.set_values(data, {"a.b.x": 1})
