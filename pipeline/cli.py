@@ -9,6 +9,8 @@ import click
 
 from medsass.errors import MedsassError
 
+from .methods import METHODS, POLARITIES, unknown_method
+
 EPILOG = """Exit codes: 0 all inputs stored or skipped on purpose; 3 some inputs failed (see the manifest /
 `medsass-prep inspect`); 2 bad usage or configuration; 1 unexpected error."""
 
@@ -34,6 +36,18 @@ def _split_spec(text: str) -> dict[str, float]:
     return out
 
 
+class MethodChoice(click.Choice):
+    """``--method``: a name from the one registry (methods.METHODS); a wrong name gets prep's own message."""
+
+    def __init__(self) -> None:
+        super().__init__(METHODS)
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices:
+            self.fail(unknown_method(value), param, ctx)
+        return value
+
+
 @main.command("build-masks", epilog=EPILOG)
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("--out", "-o", type=click.Path(), help="Output store (a folder, e.g. data.zarr).")
@@ -46,10 +60,9 @@ def _split_spec(text: str) -> dict[str, float]:
 @click.option("--resize", type=click.Choice(["stretch", "pad"]), help="stretch, or pad to keep the aspect ratio [stretch].")
 @click.option("--tile/--no-tile", default=None, help="Cut native-resolution SIZE x SIZE tiles instead of resizing.")
 @click.option("--tile-overlap", type=int, help="Overlap of neighbouring tiles in pixels [0].")
-@click.option("--method", help="Pseudo-mask threshold [fov_otsu_hull: Otsu inside the field of view, objects filled "
-              "to their convex hull]; otsu is the paper's plain per-image Otsu; also multiotsu, li, yen, triangle, "
-              "fov_otsu, fov_otsu_clean, fov_multiotsu_hull (docs/pseudo_masks.md).")
-@click.option("--polarity", type=click.Choice(["auto", "bright", "dark"]), help="Which side is foreground [auto].")
+@click.option("--method", type=MethodChoice(), help="Pseudo-mask threshold [fov_otsu_hull: Otsu inside the field of view, "
+              "objects filled to their convex hull]; otsu is the paper's plain per-image Otsu (docs/pseudo_masks.md).")
+@click.option("--polarity", type=click.Choice(POLARITIES), help="Which side is foreground [auto].")
 @click.option("--intensity", type=click.Choice(["percentile", "minmax"]), help="How non-8-bit images map to uint8 [percentile].")
 @click.option("--split", "split_spec", help="Fractions, e.g. val=0.1,test=0.2 (train is the rest).")
 @click.option("--seed", type=int, help="Split seed [0].")
