@@ -63,9 +63,9 @@ def otsu_and_resize(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
 def build_store(png_dir: Path, out: Path, size: int, shard_records: int = 256) -> Path:
     """The store for (a), built by the real prep stage (`medsass-prep build-masks`), every record in train."""
     from medsass.pipeline.build import build
-    from medsass.pipeline.config import BuildConfig, Source, SplitConfig
+    from medsass.pipeline.config import BuildConfig, InputSource, SplitConfig
 
-    cfg = BuildConfig(sources=[Source(path=str(png_dir))], out=str(out), split=SplitConfig(val=0.0, test=0.0))
+    cfg = BuildConfig(sources=[InputSource(path=str(png_dir))], out=str(out), split=SplitConfig(val=0.0, test=0.0))
     cfg.geometry.size = size
     cfg.runtime.shard_records = shard_records
     cfg.runtime.workers = 2

@@ -31,8 +31,8 @@ class LabelSource:
 
 
 @dataclass
-class Source:
-    """One input folder (or file) and its labels."""
+class InputSource:
+    """One input folder (or file) and its labels: an item of ``sources`` (the trainer's ``stream.Source`` is a store)."""
 
     path: str
     labels: LabelSource = field(default_factory=LabelSource)
@@ -85,7 +85,9 @@ class SplitConfig:
 
 
 @dataclass
-class RuntimeConfig:
+class BuildRuntimeConfig:
+    """``runtime``: how the build runs (never what it writes, except shard_records); not the trainer's RuntimeConfig."""
+
     workers: int = 0  # Dask workers for the local cluster; 0 = one per core
     scheduler: str | None = None  # address of an existing Dask scheduler (e.g. from dask-jobqueue)
     shard_records: int = 256  # records per Zarr shard = per task
@@ -97,12 +99,12 @@ class RuntimeConfig:
 
 @dataclass
 class BuildConfig:
-    sources: list[Source]
+    sources: list[InputSource]
     out: str
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    runtime: BuildRuntimeConfig = field(default_factory=BuildRuntimeConfig)
     name: str = ""  # dataset name (informational)
 
     def output_params(self) -> dict:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from medsass.pipeline import add_labels as al
 from medsass.pipeline.build import build
 from medsass.pipeline.cli import main
-from medsass.pipeline.config import BuildConfig, LabelSource, Source
+from medsass.pipeline.config import BuildConfig, InputSource, LabelSource
 from PIL import Image
 
 from medsass import manifest
@@ -296,7 +296,7 @@ def _rect_pngs(folder: Path, masks: Path, shapes) -> None:
 
 
 def _build(src, out, scheduler, labels=None, retry_failed=False, **geometry):
-    cfg = BuildConfig(sources=[Source(path=str(src), labels=LabelSource(dir=str(labels)) if labels else LabelSource())],
+    cfg = BuildConfig(sources=[InputSource(path=str(src), labels=LabelSource(dir=str(labels)) if labels else LabelSource())],
                       out=str(out))
     cfg.runtime.scheduler, cfg.runtime.progress, cfg.runtime.salt, cfg.runtime.shard_records = scheduler, False, "s", 32
     cfg.split.split_unlabeled = True  # the same splits with and without labels

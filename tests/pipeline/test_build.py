@@ -11,7 +11,7 @@ import zarr
 from click.testing import CliRunner
 from medsass.pipeline.build import build
 from medsass.pipeline.cli import main
-from medsass.pipeline.config import BuildConfig, LabelSource, Source, load_dataset_file
+from medsass.pipeline.config import BuildConfig, InputSource, LabelSource, load_dataset_file
 from PIL import Image
 
 from medsass import manifest
@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def cfg_for(src, out, scheduler, labels=None, **kw):
-    cfg = BuildConfig(sources=[Source(path=str(src), labels=labels or LabelSource())], out=str(out))
+    cfg = BuildConfig(sources=[InputSource(path=str(src), labels=labels or LabelSource())], out=str(out))
     cfg.runtime.scheduler = scheduler
     cfg.runtime.progress = False
     cfg.geometry.size = kw.pop("size", 64)

@@ -72,12 +72,12 @@ def test_a_torn_manifest_part_is_redone_on_resume(tmp_path, dask_scheduler):
     import pytest
     from medsass.pipeline.build import build
     from medsass.pipeline.shards import part_path
-    from medsass.pipeline.config import BuildConfig, Source
+    from medsass.pipeline.config import BuildConfig, InputSource
 
     from medsass.errors import MedsassWarning
 
     write_blob_pngs(tmp_path / "in", 40, size=48)  # two shards of at most 32 records
-    cfg = BuildConfig(sources=[Source(path=str(tmp_path / "in"))], out=str(tmp_path / "s.zarr"))
+    cfg = BuildConfig(sources=[InputSource(path=str(tmp_path / "in"))], out=str(tmp_path / "s.zarr"))
     cfg.geometry.size, cfg.runtime.shard_records, cfg.runtime.scheduler, cfg.runtime.progress = 32, 32, dask_scheduler, False
     build(cfg)
     before = manifest.read_manifest(tmp_path / "s.zarr")

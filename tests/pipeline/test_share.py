@@ -21,7 +21,7 @@ import zarr
 from click.testing import CliRunner
 from medsass.pipeline.build import build
 from medsass.pipeline.cli import main
-from medsass.pipeline.config import BuildConfig, LabelSource, Source
+from medsass.pipeline.config import BuildConfig, InputSource, LabelSource
 from medsass.pipeline.share import COLUMN_POLICY, share_store
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -91,7 +91,7 @@ def hospital(tmp_path_factory, dask_scheduler):
     root, masks = tmp / "pacs_export_ward7", tmp / "masks_ward7"
     tokens = make_export(root, masks)
     original = tmp / "ct.zarr"
-    cfg = BuildConfig(sources=[Source(path=str(root), labels=LabelSource(dir=str(masks)))], out=str(original))
+    cfg = BuildConfig(sources=[InputSource(path=str(root), labels=LabelSource(dir=str(masks)))], out=str(original))
     cfg.runtime.scheduler, cfg.runtime.progress, cfg.geometry.size = dask_scheduler, False, 64
     result = build(cfg)
     assert result.counts == {"ok": 15, "failed": 2, "skipped": 1}, result.counts

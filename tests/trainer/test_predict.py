@@ -167,7 +167,7 @@ def test_canvases_equal_what_prep_stored(tmp_path):
     """16-bit gray and RGB JPEG inputs, pad mode: predict's canvases are the store's images, byte for byte."""
     from dask.distributed import LocalCluster
     from medsass.pipeline.build import build
-    from medsass.pipeline.config import BuildConfig, Source
+    from medsass.pipeline.config import BuildConfig, InputSource
     from medsass.pipeline.readers import read
 
     rng = np.random.default_rng(0)
@@ -175,7 +175,7 @@ def test_canvases_equal_what_prep_stored(tmp_path):
     src.mkdir()
     Image.fromarray((rng.random((45, 70)) * 4000 + 100).astype(np.uint16)).save(src / "a16.png")
     Image.fromarray(rng.integers(0, 255, (50, 30, 3), dtype=np.uint8)).save(src / "rgb.jpg", quality=90)
-    cfg = BuildConfig(sources=[Source(path=str(src))], out=str(tmp_path / "s.zarr"))
+    cfg = BuildConfig(sources=[InputSource(path=str(src))], out=str(tmp_path / "s.zarr"))
     cfg.geometry.size, cfg.geometry.resize, cfg.runtime.progress = 32, "pad", False
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         cfg.runtime.scheduler = cluster.scheduler_address
