@@ -68,7 +68,8 @@ class MethodChoice(click.Choice):
 @click.option("--seed", type=int, help="Split seed [0].")
 @click.option("--group-by", help="Split groups: file, dir or regex:<pattern> (DICOM PatientID, hashed, wins) [file].")
 @click.option("--groups", "groups_csv", type=click.Path(exists=True, dir_okay=False), help="CSV mapping file name -> group (e.g. patient).")
-@click.option("--split-unlabeled/--no-split-unlabeled", default=None, help="Also split groups without labels (default: they go to train).")
+@click.option("--split-unlabeled/--no-split-unlabeled", default=None, help="When some inputs have labels, also split the groups without any (default: they all go to train; "
+              "a store built without labels is always split).")
 @click.option("--workers", type=int, help="Local Dask workers [one per core].")
 @click.option("--scheduler", help="Address of an existing Dask scheduler (e.g. tcp://host:8786).")
 @click.option("--shard-records", type=int, help="Maximum records per shard [256].")
