@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -> install, then run the main job (prep -> pretrain -> fine-tune -> evaluate) on the bundled sample
 #   make test   -> install, then run the test suite (what CI runs: .ci/run)
+#   make bench  -> quick runs of the throughput benchmarks (small inputs, ~2 min on 2 busy cores: they check the
+#                  benchmarks run and give rough ratios; docs/results/benchmarks/ comes from the full-size runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -24,6 +26,13 @@ demo: install
 
 test: install
 	bash .ci/test.sh
+
+BENCH_OUT ?= bench_out
+bench: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/prep_throughput.py --n-images 100 --repeat 1 --out-json $(BENCH_OUT)/prep.json
+	$(PY) benchmarks/loader_throughput.py --n-images 64 --seconds 1 --out-json $(BENCH_OUT)/loader.json
+	$(PY) benchmarks/suggest_throughput.py --n 64 --size 64 --kcenter-n 10000 --out-json $(BENCH_OUT)/suggest.json
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
