@@ -324,7 +324,7 @@ def test_region_method_threshold_is_computed_inside_the_field_of_view():
 
 @pytest.mark.parametrize("lower", [True, False])
 def test_envelope_drops_only_points_that_cannot_be_vertices(lower):
-    from medsass.pipeline.threshold import _envelope, _monotone_chain
+    from medsass.pipeline.mask_geometry import envelope as _envelope, monotone_chain as _monotone_chain
 
     rng = np.random.default_rng(0)
     for n in [1, 2, 3, 4, 5, 17, 128]:
