@@ -17,6 +17,7 @@ import pandas as pd
 
 from medsass import html_report as H
 from medsass import manifest, store
+from medsass.metrics import mask_iou
 
 from .inspect_store import inspect_store
 
@@ -137,9 +138,7 @@ def pseudo_label_iou(group, info: store.StoreInfo, rows: np.ndarray) -> np.ndarr
         pseudo = np.asarray(group[store.PSEUDO_MASK][a:b]) > 0
         label = np.asarray(group[store.LABEL][a:b]) > 0
         for i in np.flatnonzero(shard_of == shard):
-            p, t = pseudo[rows[i] - a], label[rows[i] - a]
-            union = np.count_nonzero(p | t)
-            out[i] = np.count_nonzero(p & t) / union if union else 1.0
+            out[i] = mask_iou(pseudo[rows[i] - a], label[rows[i] - a])
     return out
 
 

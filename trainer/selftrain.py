@@ -270,17 +270,16 @@ def relabel(
 
 def mask_quality(store: str | Path, target: str, rows: np.ndarray) -> dict[str, Any]:
     """IoU of ``target``'s masks against the expert labels on ``rows`` (labeled ones): mean per image and micro."""
-    from medsass.trainer.metrics import iou
     from medsass.trainer.stream import ArrayReader, read_rows
+
+    from medsass.metrics import iou, mask_counts
 
     rows = np.unique(np.asarray(rows, np.int64))
     if len(rows) == 0:
         return {"n": 0, "iou_per_image_mean": None, "iou": None}
     pred = to_mask(read_rows(ArrayReader(store, target), rows), target_encoding(store, target))
     label = read_rows(ArrayReader(store, store_mod.LABEL), rows) > 0
-    tp = (pred & label).sum((1, 2))
-    fp = (pred & ~label).sum((1, 2))
-    fn = (~pred & label).sum((1, 2))
+    tp, fp, fn = mask_counts(pred, label).T
     return {"n": len(rows), "iou_per_image_mean": float(np.mean(iou(tp, fp, fn))), "iou": float(iou(tp.sum(), fp.sum(), fn.sum()))}
 
 

@@ -19,6 +19,7 @@ from medsass.trainer.study.jobs import Job
 from medsass.trainer.study.spec import SSLSpec
 
 from medsass.manifest import read_manifest
+from medsass.metrics import micro_iou
 
 COUNT_KEYS = ("tp", "fp", "fn")
 
@@ -143,8 +144,8 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
         ledger.append(results_dir, row)
         done.add(job.key)
         test = row.get("evals", {}).get("test")
-        score = f"test IoU {_micro(test['counts']):.3f}" if test else f"{sum(row['seconds'].values()):.0f} s"
-        sites = " ".join(f"{k[5:]} {_micro(v['counts']):.3f}" for k, v in row.get("evals", {}).items() if k.startswith("site:"))
+        score = f"test IoU {micro_iou(test['counts']):.3f}" if test else f"{sum(row['seconds'].values()):.0f} s"
+        sites = " ".join(f"{k[5:]} {micro_iou(v['counts']):.3f}" for k, v in row.get("evals", {}).items() if k.startswith("site:"))
         log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: {score} {sites} "
             f"({sum(row['seconds'].values()):.0f} s)")
 
@@ -182,8 +183,3 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
                 finish(running.pop(fut), *fut.result())
     return n, failed
 
-
-def _micro(counts: list[list[int]]) -> float:
-    tp = sum(c[0] for c in counts)
-    den = sum(c[0] + c[1] + c[2] for c in counts)
-    return tp / den if den else 1.0

@@ -12,12 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsass.metrics import micro_iou
 
-def micro_iou(counts: np.ndarray) -> float:
-    """counts: (N, 3) tp, fp, fn per image."""
-    tp, fp, fn = np.asarray(counts, np.float64).reshape(-1, 3).sum(0)
-    den = tp + fp + fn
-    return float(tp / den) if den else 1.0
+__all__ = ["Estimate", "estimate", "micro_iou", "paired_difference"]
+
 
 
 @dataclass(frozen=True)
