@@ -21,11 +21,8 @@ import numpy as np
 from .field_of_view import clean, field_of_view
 from .global_threshold import apply_threshold, check_gray, check_valid, multiotsu, threshold_value
 from .mask_geometry import fill_holes
-from .methods import METHODS, PLAIN_METHODS, POLARITIES, REGION_METHODS  # noqa: F401 (re-exported)
+from .methods import FG_HIGH, FG_LOW, METHODS, PLAIN_METHODS, POLARITIES, REGION_METHODS, fg_flags  # noqa: F401 (re-exported)
 from .polarity import POLARITY_MAX_SIDE, choose_polarity  # noqa: F401 (re-exported)
-
-FG_LOW = 0.005  # flag "fg_low" below this foreground fraction
-FG_HIGH = 0.995  # flag "fg_high" above it
 
 __all__ = ["FG_HIGH", "FG_LOW", "METHODS", "POLARITIES", "PseudoMask", "choose_polarity", "field_of_view", "pseudo_mask"]
 
@@ -121,5 +118,5 @@ def region_aware(gray: np.ndarray, values: np.ndarray, method: str, polarity: st
 
 def result(mask: np.ndarray, threshold: float, polarity: str, method: str) -> PseudoMask:
     fg = float(np.count_nonzero(mask)) / mask.size
-    flags = ("fg_low",) if fg < FG_LOW else ("fg_high",) if fg > FG_HIGH else ()
+    flags = fg_flags(fg)
     return PseudoMask(mask, float(threshold), polarity, fg, flags, method)
