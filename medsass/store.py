@@ -17,6 +17,7 @@ when two writers touch one shard. Plain ``zarr.open_group(STORE)`` reads everyth
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def create(path: str | Path, *, n_records: int, size: int, shard_records: int, a
     if ATTRS_KEY not in group.attrs:
         group.attrs[ATTRS_KEY] = meta
     for name in IMAGE_ARRAYS:
-        if not (Path(path) / name / "zarr.json").exists():
+        if not is_store(Path(path) / name):
             _create_array(group, name, n_records, size, shard_records)
     return group
 
@@ -99,10 +100,34 @@ def _create_array(group: zarr.Group, name: str, n_records: int, size: int, shard
     )
 
 
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` holds a Zarr v3 group or array (its ``zarr.json``)."""
+    return (Path(path) / "zarr.json").exists()
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """One store array's shape and sharding, read from its ``zarr.json`` without opening zarr (cheap in workers)."""
+
+    n_records: int
+    size: int
+    shard_records: int
+    attrs: dict[str, Any]  # the array's attrs['medsass'] (e.g. a pseudo-label array's encoding)
+
+
+def array_meta(store_path: str | Path, name: str) -> ArrayMeta:
+    meta_file = Path(store_path) / name / "zarr.json"
+    if not meta_file.exists():
+        raise StoreError(f"{store_path} has no array {name!r} ({meta_file} is missing)")
+    meta = json.loads(meta_file.read_text())
+    return ArrayMeta(int(meta["shape"][0]), int(meta["shape"][-1]), int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]),
+                     dict((meta.get("attributes") or {}).get(ATTRS_KEY) or {}))
+
+
 def open_store(path: str | Path, mode: str = "r") -> tuple[zarr.Group, StoreInfo]:
     """Open a medsass store, checking it is one and that its schema version is known."""
     path = Path(path)
-    if not (path / "zarr.json").exists():
+    if not is_store(path):
         raise StoreError(f"{path} is not a Zarr v3 store (no zarr.json); build it with `medsass-prep build-masks --out {path}`")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

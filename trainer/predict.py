@@ -33,6 +33,7 @@ from medsass.pipeline import geometry
 from medsass.pipeline.intensity import to_uint8
 from medsass.trainer.distributed import pick_device
 
+from medsass import store as store_mod
 from medsass.errors import ConfigError, InputError, SkipInput, StoreError
 from medsass.manifest import atomic_write_bytes
 
@@ -101,7 +102,7 @@ def prep_from_checkpoint(ckpt: dict[str, Any], *, where: str, store: str | None 
         prep = rec.get("prep")
         if prep is None:
             path = rec.get("path", "")
-            if not (Path(path) / "zarr.json").exists():
+            if not store_mod.is_store(path):
                 raise StoreError(f"{where} predates recorded prep parameters and its store {name!r} ({path}) is gone; "
                                  "restore the store at that path (or re-train) so predict can read how images were prepared")
             prep = prep_params(path)

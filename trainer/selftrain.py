@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,9 +61,9 @@ def target_encoding(store: str | Path, target: str) -> str:
     """``binary`` or ``probability_u8``: how the values of a target array are to be read."""
     if not target.startswith(store_mod.PSEUDO_GROUP + "/"):
         return BINARY
-    meta = Path(store) / target / "zarr.json"
-    attrs = json.loads(meta.read_text()).get("attributes", {}) if meta.exists() else {}
-    return (attrs.get(store_mod.ATTRS_KEY) or {}).get("encoding", BINARY)
+    if not store_mod.is_store(Path(store) / target):
+        return BINARY
+    return store_mod.array_meta(store, target).attrs.get("encoding", BINARY)
 
 
 def is_soft_target(stores, target: str) -> bool:

@@ -8,7 +8,6 @@ only the rows still sitting in the shuffle buffer, so the resumed stream is bit-
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +40,8 @@ class ArrayReader:
 
     def __init__(self, store: str | Path, name: str):
         self.path = Path(store) / name
-        meta_file = self.path / "zarr.json"
-        if not meta_file.exists():
-            raise StoreError(f"{store} has no array {name!r} ({meta_file} is missing)")
-        meta = json.loads(meta_file.read_text())
-        self.n_records, self.size = int(meta["shape"][0]), int(meta["shape"][-1])
-        self.shard_records = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        meta = store_mod.array_meta(store, name)
+        self.n_records, self.size, self.shard_records = meta.n_records, meta.size, meta.shard_records
         self._zarr: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
