@@ -5,7 +5,7 @@ Prints samples/s for
       consuming process as the training loop does, with 1 and 2 workers (and the loader alone);
   (b) a map-style Dataset whose __getitem__ decodes a 512² PNG with PIL, converts it to gray,
       thresholds it with skimage Otsu and resizes image and mask to S (1 and 2 workers);
-  (c) one CPU training step of the CPU example model (smp Unet resnet18 + scse, batch 8 at 128 px,
+  (c) one CPU training step of a CPU-sized U-Net (smp Unet resnet18 + scse, as the scale study uses; batch 8 at 128 px,
       Adam, BCE),
 and the ratios (a)/(b) per worker (target >= 3) and (a, 2 workers)/(c) (target >= 2).
 
