@@ -17,6 +17,7 @@ from medsass.trainer.run import plan_run, run_stages
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job
 from medsass.trainer.study.spec import SSLSpec
+from medsass.trainer.suggest import suggest
 
 from medsass.manifest import read_manifest
 from medsass.metrics import micro_iou
@@ -35,7 +36,7 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
     }
     t0 = time.time()
     if job.kind == "ssl":
-        from medsass.trainer.study.ssl import run_ssl
+        from medsass.trainer.study.ssl import run_ssl  # lazy: lightly (and pytorch_lightning) take ~4 s to import
 
         row["ssl"] = run_ssl(cfg, ssl_spec, job.dir)
         row["seconds"]["ssl"] = round(time.time() - t0, 1)
@@ -70,8 +71,6 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
 
 def _suggest(job: Job, cfg) -> None:
     """The strategy's n picks among the labeled train records (their labels unused), from the pretrained model."""
-    from medsass.trainer.suggest import suggest
-
     picks = Path(cfg.finetune.labeled_ids)
     if picks.exists():
         return

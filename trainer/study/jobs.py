@@ -118,9 +118,11 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
         conv_counts = {budget_count(b, d.n_labeled_train) for b in conv.budgets} if conv else set()
         for seed in study.seeds:
             def data_id(target: str) -> dict[str, Any]:
-                return {"dataset": d.name, "target": target, "prep": prep, "digest": d.digests[target],
-                        "pool": {k: d.digests.get(f"site:{k[5:]}", k) for k in sorted(d.pool_extra.get(target, {}))},
-                        "sites": {k: [d.digests.get(f"site:{k}"), d.site_splits[k]] for k in sorted(d.sites)}}
+                ident = {"dataset": d.name, "target": target, "prep": prep, "digest": d.digests[target],
+                         "sites": {k: [d.digests.get(f"site:{k}"), d.site_splits[k]] for k in sorted(d.sites)}}
+                if target in d.pool_extra:  # only pooled targets carry it: the other keys stay as they were
+                    ident["pool"] = {k: d.digests.get(f"site:{k[5:]}", k) for k in sorted(d.pool_extra[target])}
+                return ident
 
             pre: dict[str, Job] = {}
             for t_i, target in enumerate(d.stores):

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medsass.atomic import atomic_open
+from medsass.trainer.study.spec import arm_label
+
 if TYPE_CHECKING:
     from medsass.trainer.study.jobs import StudyData
     from medsass.trainer.study.report import Index
@@ -19,9 +22,6 @@ def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from medsass.atomic import atomic_open
-    from medsass.trainer.study.report import arm_label
 
     wheres = ["test"] + [f"site:{s}" for s in d.sites]
     fig, axes = plt.subplots(1, len(wheres), figsize=(6.5 * len(wheres), 4.5), squeeze=False)

@@ -15,21 +15,15 @@ from typing import Any
 import numpy as np
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, StudyData
-from medsass.trainer.study.spec import Study
+from medsass.trainer.study.plot import plot_dataset
+from medsass.trainer.study.spec import ARM_NAMES, Study, arm_label, budget_count
 from medsass.trainer.study.stats import Estimate, estimate, micro_iou, paired_difference
 from medsass.trainer.study.stores import prep_seconds
 
 from medsass.atomic import atomic_write_bytes
 
-ARM_NAMES = {"floor": "pseudo-mask floor", "zero_shot": "zero-shot", "scratch": "scratch", "end_to_end": "end-to-end",
-             "encoder_only": "encoder-only", "ssl": "SimCLR encoder"}
 CSV_COLUMNS = ["dataset", "target", "arm", "seed", "n_labels", "budgets", "steps_factor", "eval", "iou",
                "iou_per_image_mean", "n_images", "seconds_train", "seconds_evaluate", "labeled_ids", "key"]
-
-
-def arm_label(arm: str, target: str, main_target: str) -> str:
-    name = ARM_NAMES.get(arm, arm)
-    return f"{name} ({target})" if arm in ("end_to_end", "encoder_only", "floor", "zero_shot") and target != main_target else name
 
 
 def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[dict[str, Any]]:
@@ -142,8 +136,6 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
 
 def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:
     """Which images to label: each strategy's end-to-end model against the arm's random subset (paired by seed)."""
-    from medsass.trainer.study.spec import budget_count
-
     st = study.strategies
     if not st or (st.datasets and d.name not in st.datasets):
         return []
@@ -228,9 +220,6 @@ def pairing_problems(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print) -> None:
-    from medsass.trainer.study.plot import plot_dataset
-    from medsass.trainer.study.spec import budget_count
-
     out = Path(study.results_dir)
     rows = ledger.read_ledger(out)
     runs = runs_from_ledger(rows, jobs)

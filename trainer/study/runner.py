@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import execute
 from medsass.trainer.study.jobs import Job, StudyData, make_jobs, select
+from medsass.trainer.study.report import write_report
 from medsass.trainer.study.spec import Study, load_study
 from medsass.trainer.study.stores import data_digest, dataset_stores, labeled_train_count, site_store, split_counts
 
@@ -64,8 +65,6 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
         ran, failed = execute(chosen, study.results_dir, ssl_spec=study.ssl, n_parallel=study.jobs,
                               keep_final=study.keep_final, log=log)
         _history(study, overrides, ran, failed, time.time() - t0)
-    from medsass.trainer.study.report import write_report
-
     write_report(study, data, jobs, log=log)
     return StudyOutcome(chosen, ran, failed)
 

@@ -19,6 +19,14 @@ PSEUDO_ARMS = ("end_to_end", "encoder_only")
 ARMS = ("scratch", *PSEUDO_ARMS, "ssl")
 # Rows without fine-tuning, made by every pretrain job: the stored pseudo-masks and the pretrained model as they are.
 NO_LABEL_ARMS = ("floor", "zero_shot")
+ARM_NAMES = {"floor": "pseudo-mask floor", "zero_shot": "zero-shot", "scratch": "scratch", "end_to_end": "end-to-end",
+             "encoder_only": "encoder-only", "ssl": "SimCLR encoder"}
+
+
+def arm_label(arm: str, target: str, main_target: str) -> str:
+    """How tables and plots name an arm (pseudo-mask arms of another target carry the target's name)."""
+    name = ARM_NAMES.get(arm, arm)
+    return f"{name} ({target})" if arm in ("end_to_end", "encoder_only", "floor", "zero_shot") and target != main_target else name
 
 
 @dataclass
