@@ -117,7 +117,10 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
         other_counts = {budget_count(b, d.n_labeled_train) for b in study.other_targets.budgets}
         conv_counts = {budget_count(b, d.n_labeled_train) for b in conv.budgets} if conv else set()
         for seed in study.seeds:
-            def data_id(target: str) -> dict[str, Any]:
+            def data_id(target: str, pseudo: bool = True) -> dict[str, Any]:
+                if not pseudo:  # scratch / SimCLR read images and labels only: any target's store is the same data
+                    return {"dataset": d.name, "prep": prep, "digest": d.digests["images"],
+                            "sites": {k: [d.digests[f"images:site:{k}"], d.site_splits[k]] for k in sorted(d.sites)}}
                 ident = {"dataset": d.name, "target": target, "prep": prep, "digest": d.digests[target],
                          "sites": {k: [d.digests.get(f"site:{k}"), d.site_splits[k]] for k in sorted(d.sites)}}
                 if target in d.pool_extra:  # only pooled targets carry it: the other keys stay as they were
@@ -147,7 +150,7 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                 base = runs / d.name / "ssl" / f"seed{seed}"
                 cfg = run_config(train, d.stores[d.main_target], base, seed)
                 ident = _identity({k: v for k, v in cfg.items() if k not in ("finetune", "evaluate")}, kind="ssl",
-                                  ssl=configio.to_dict(study.ssl), data=data_id(d.main_target))
+                                  ssl=configio.to_dict(study.ssl), data=data_id(d.main_target, pseudo=False))
                 ssl_job = Job("ssl", d.name, d.main_target, "ssl_pretrain", seed, str(base), cfg, ident,
                               priority=_priority("ssl_pretrain", seed, d_i, 0))
                 jobs.append(ssl_job)
@@ -188,7 +191,8 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
         fc["steps"] = _get_steps(train) * factor
         fc["warmup_steps"] = int(fc.get("warmup_steps", 0)) * factor
     cfg["evaluate"]["checkpoint"] = "best"
-    ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target), source=source.key if source else None)
+    ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=arm in PSEUDO_ARMS),
+                      source=source.key if source else None)
     conv = study.convergence
     if conv and arm in conv.arms and n in {budget_count(b, d.n_labeled_train) for b in conv.budgets} and main:
         tier = "convergence"  # both the long run and the run it checks

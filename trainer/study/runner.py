@@ -33,7 +33,9 @@ def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[Study
         stores = dataset_stores(study, spec, log)
         main = next(iter(stores.values()))
         sites = {s.name: site_store(study, s, spec.targets[0], log) for s in spec.sites}
-        digests = {**{t: data_digest(p) for t, p in stores.items()}, **{f"site:{k}": data_digest(p) for k, p in sites.items()}}
+        digests = {**{t: data_digest(p) for t, p in stores.items()}, **{f"site:{k}": data_digest(p) for k, p in sites.items()},
+                   "images": data_digest(main, pseudo=False),
+                   **{f"images:site:{k}": data_digest(p, pseudo=False) for k, p in sites.items()}}
         pool_extra = {}
         if spec.pool_sites:
             pooled = f"{spec.targets[0]}+sites"

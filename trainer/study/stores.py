@@ -73,14 +73,16 @@ def check_same_records(stores: dict[str, str]) -> None:
         raise MedsassError(f"no labeled test records in {stores[first]}: nothing to evaluate on")
 
 
-def data_digest(store: str) -> str:
+def data_digest(store: str, *, pseudo: bool = True) -> str:
     """What the study's results depend on in a store, independent of where it and its inputs are: the records, their
-    splits and labels, and each pseudo-mask's threshold, polarity and foreground fraction (so a change in prep's
-    thresholding, which would change the pretraining targets, gives new job keys instead of stale results)."""
+    splits and labels, and (``pseudo``) each pseudo-mask's threshold, polarity and foreground fraction (so a change
+    in prep's thresholding, which would change the pretraining targets, gives new job keys instead of stale results;
+    runs that never read pseudo-masks, scratch and SimCLR, use ``pseudo=False`` and survive such a change)."""
     import hashlib
 
-    cols = ["sample_id", "row", "split", "status", "has_label", "threshold", "polarity", "fg_fraction", "degenerate",
-            "label_fg_fraction"]
+    cols = ["sample_id", "row", "split", "status", "has_label", "label_fg_fraction"]
+    if pseudo:
+        cols += ["threshold", "polarity", "fg_fraction", "degenerate"]
     df = read_manifest(store)
     df = df[[c for c in cols if c in df.columns]].sort_values(["row", "sample_id"]).reset_index(drop=True)
     return hashlib.sha256(df.to_csv(index=False, float_format="%.6g").encode()).hexdigest()[:16]
