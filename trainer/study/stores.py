@@ -80,9 +80,10 @@ def data_digest(store: str, *, pseudo: bool = True) -> str:
     runs that never read pseudo-masks, scratch and SimCLR, use ``pseudo=False`` and survive such a change)."""
     import hashlib
 
-    cols = ["sample_id", "row", "split", "status", "has_label", "label_fg_fraction"]
-    if pseudo:
-        cols += ["threshold", "polarity", "fg_fraction", "degenerate"]
+    cols = ["sample_id", "row", "split", "status", "has_label", "threshold", "polarity", "fg_fraction", "degenerate",
+            "label_fg_fraction"]  # this order: the digests of finished runs depend on it
+    if not pseudo:
+        cols = [c for c in cols if c not in ("threshold", "polarity", "fg_fraction", "degenerate")]
     df = read_manifest(store)
     df = df[[c for c in cols if c in df.columns]].sort_values(["row", "sample_id"]).reset_index(drop=True)
     return hashlib.sha256(df.to_csv(index=False, float_format="%.6g").encode()).hexdigest()[:16]
