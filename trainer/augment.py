@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -129,3 +129,13 @@ def augment_batch(images: Tensor, masks: Tensor, cfg: AugmentConfig, generator: 
     u = draw_params(images.shape[0], generator, images.device)
     x, m = _geometry(images, masks, u, cfg)
     return _intensity(x, u, cfg, generator), m
+
+
+def augment_soft(images: Tensor, probs: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """:func:`augment_batch` for a soft target: the same geometry, p resampled bilinearly (not re-binarised)."""
+    state = generator.get_state()
+    x, _ = augment_batch(images, (probs >= 0.5).to(probs.dtype), cfg, generator)
+    generator.set_state(state)  # same draws: same flips, turns and warp
+    geometry_only = replace(cfg, brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0)
+    p, _ = augment_batch(probs, probs, geometry_only, generator)
+    return x, p

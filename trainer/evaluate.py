@@ -16,12 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from medsass.trainer import checkpoint as ck
+from medsass.trainer.config import stage_section
 from medsass.trainer.data import iter_eval, select_rows
 from medsass.trainer.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from medsass.trainer.metrics import confusion, dice, iou, summarize
+from medsass.trainer.model import build_model, check_compatible, model_args
+from medsass.trainer.precision import amp_dtype, use_channels_last
+from PIL import Image
+from scipy.ndimage import binary_erosion
 from torch import nn
 
 from medsass.manifest import atomic_write_bytes, read_manifest, write_json
+from medsass.store import open_store
 
 COUNTS = ("tp", "fp", "fn", "tn")
 
@@ -127,15 +134,11 @@ def sample_id_map(stores: dict[str, Path]) -> dict[tuple[str, int], str]:
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
-
     return mask & ~binary_erosion(mask, iterations=1, border_value=0)
 
 
 def overlay_png(image: np.ndarray, pred: np.ndarray, label: np.ndarray, min_size: int = 256) -> bytes:
     """PNG of a gray image with the predicted outline (red) and the target outline (green)."""
-    from PIL import Image
-
     k = max(1, -(-min_size // image.shape[0]))  # nearest-neighbour upscale factor
 
     def up(a: np.ndarray) -> np.ndarray:
@@ -155,8 +158,6 @@ def write_overlays(
     n: int, device: torch.device, amp: torch.dtype | None, threshold: float,
 ) -> list[Path]:
     """Overlays of the ``n`` best and ``n`` worst images by per-image IoU (rank 0 only)."""
-    from medsass.store import open_store
-
     if n <= 0 or not records:
         return []
     ranked = sorted(records, key=lambda r: (r["iou"], r["store"], r["row"]))
@@ -178,10 +179,6 @@ def write_overlays(
 
 def run_evaluate(config, plan, dist) -> dict[str, Any]:
     """The evaluate stage: score ``plan.source`` on every split; rank 0 writes the report files."""
-    from medsass.trainer import checkpoint as ck
-    from medsass.trainer.loop import amp_dtype, use_channels_last
-    from medsass.trainer.model import build_model, check_compatible, model_args
-
     ev, path = config.evaluate, plan.source
     state = ck.load(path)
     check_compatible(state["model_args"], model_args(config.model), what=f"checkpoint {path}")
@@ -199,7 +196,6 @@ def run_evaluate(config, plan, dist) -> dict[str, Any]:
         all_rows += [{"split": split, **r} for r in records]
         by_split[split] = (sources, records)
     if dist.is_main:
-        from medsass.trainer.config import stage_section
         write_json(results, plan.dir / "metrics.json")
         write_per_image_csv(plan.dir / "per_image.csv", all_rows, sample_id_map(stores))
         shutil.rmtree(plan.dir / "overlays", ignore_errors=True)

@@ -18,13 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from medsass.trainer import checkpoint as ck
 from medsass.trainer import preempt
-from medsass.trainer.augment import augment_batch
-from medsass.trainer.config import StageConfig
+from medsass.trainer.config import StageConfig, stage_section
+from medsass.trainer.data import ShardStream, Source, make_loader
 from medsass.trainer.distributed import DistInfo
-from medsass.trainer.losses import LossFn
+from medsass.trainer.evaluate import EvalSource, val_iou
+from medsass.trainer.losses import LossFn, build_loss
+from medsass.trainer.model import build_model, freeze_unused, load_weights, model_args
+from medsass.trainer.precision import amp_dtype, use_channels_last
+from medsass.trainer.targets import BINARY, PROBABILITY, TARGET_TRANSFORMS, TargetTransform, binary_target, is_soft_target
 from torch import nn
+from tqdm.auto import tqdm
 
+from medsass import configio, manifest
 from medsass.atomic import atomic_write_bytes
 from medsass.jsonl import read_jsonl
 
@@ -56,17 +63,6 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA and nothing on CPU for ``auto``; None means full precision."""
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
-
-
-def use_channels_last(setting: bool | str, device: torch.device) -> bool:
-    return setting is True or (setting == "auto" and device.type == "cuda")
 
 
 def augment_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -120,12 +116,13 @@ class Loop:
         amp: str = "auto",
         channels_last: bool = False,
         compile: bool = False,
+        target_transform: TargetTransform = binary_target,
     ):
         self.model, self.cfg, self.loss_fn, self.seed, self.dist = model, cfg, loss_fn, seed, dist
         self.device = dist.device
         self.amp_dtype = amp_dtype(amp, self.device)
         self.channels_last = channels_last
-        self.soft_target = False  # targets hold probabilities round(255 p) (selftrain mode soft), read as p in [0, 1]
+        self.target_transform = target_transform  # uint8 target -> float target, augmented with the image (trainer/targets.py)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, cfg)
@@ -149,18 +146,12 @@ class Loop:
 
     # -- one step --------------------------------------------------------------------------
     def prepare(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 batch -> float images in [0, 1] and {0, 1} masks on the device, augmented."""
+        """uint8 batch -> float images in [0, 1] and targets in [0, 1] on the device, augmented."""
         x = batch["image"].to(self.device, non_blocking=True).float().div_(255)
         t = batch["target"].to(self.device, non_blocking=True)
-        y = t.float().div_(255) if self.soft_target else (t > 0).float()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(augment_seed(self.seed, step, micro, self.dist.rank))
-        if self.soft_target:
-            from medsass.trainer.selftrain import augment_soft
-
-            x, y = augment_soft(x, y, self.cfg.augment, gen)
-        else:
-            x, y = augment_batch(x, y, self.cfg.augment, gen)
+        x, y = self.target_transform(x, t, self.cfg.augment, gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -208,8 +199,6 @@ class Loop:
         desc: str = "train",
     ) -> LoopState:
         """Train from ``state`` to ``cfg.steps``; ``checkpoint(kind, state)`` with kind last | best."""
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not (progress and self.dist.is_main), dynamic_ncols=True)
@@ -245,21 +234,6 @@ class Loop:
 
 def run_training(config, plan, dist) -> dict[str, Any]:
     """Run (or resume) the pretrain or finetune stage ``plan`` describes; returns its summary."""
-    from medsass.trainer import checkpoint as ck
-    from medsass.trainer.config import stage_section
-    from medsass.trainer.data import ShardStream, Source, make_loader
-    from medsass.trainer.evaluate import EvalSource, val_iou
-    from medsass.trainer.losses import build_loss
-    from medsass.trainer.model import (
-        build_model,
-        freeze_unused,
-        load_weights,
-        model_args,
-    )
-
-    from medsass import configio
-    from medsass.manifest import write_json
-
     stage, scfg, rt = plan.stage, getattr(config, plan.stage), config.runtime
     ck.seed_everything(config.seed)
     model = build_model(config.model)
@@ -272,8 +246,10 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     sources = [Source(store=Path(stores[n]), rows=plan.rows[n], weight=weights[n], target=target) for n in weights]
     if dist.enabled:  # DDP refuses parameters that get no gradient
         freeze_unused(model, plan.image_size)
+    soft = stage == "pretrain" and is_soft_target(stores.values(), target)
     loop = Loop(model, scfg, build_loss(config.loss), seed=config.seed, dist=dist, amp=rt.amp,
-                channels_last=use_channels_last(rt.channels_last, dist.device), compile=rt.compile)
+                channels_last=use_channels_last(rt.channels_last, dist.device), compile=rt.compile,
+                target_transform=TARGET_TRANSFORMS[PROBABILITY if soft else BINARY])
     state = LoopState()
     if plan.resume is not None:
         model.load_state_dict(plan.resume["model"])
@@ -284,12 +260,8 @@ def run_training(config, plan, dist) -> dict[str, Any]:
                          batch_size=scfg.batch_size, start_batch=state.batches, in_memory_limit_mb=rt.in_memory_limit_mb)
     loader = make_loader(stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
                          pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor)
-    if stage == "pretrain":
-        from medsass.trainer.selftrain import is_soft_target
-
-        loop.soft_target = is_soft_target(stores.values(), target)
     # val IoU compares hard masks (> 0): not defined for a probability target, so no best.pt then
-    val_sources = [] if loop.soft_target else [EvalSource(n, Path(stores[n]), r, target) for n, r in plan.val_rows.items()]
+    val_sources = [] if soft else [EvalSource(n, Path(stores[n]), r, target) for n, r in plan.val_rows.items()]
 
     def validate(m: nn.Module) -> float:
         return val_iou(m, val_sources, batch_size=config.evaluate.batch_size, dist=dist, amp=loop.amp_dtype)
@@ -320,7 +292,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     if dist.is_main:
         checkpoint("last", state)
         checkpoint("final", state)
-        write_json({"stage": stage, "section": stage_section(config, stage), "metrics": summary, "init": mode,
+        manifest.write_json({"stage": stage, "section": stage_section(config, stage), "metrics": summary, "init": mode,
                     "source": str(plan.source) if plan.source else None, "source_id": ck.file_id(plan.source)}, plan.dir / "done")
         # A finished stage is never resumed, so its resume point (weights + optimiser state, about 3x the model)
         # goes, as nnU-Net drops checkpoint_latest. Killed before this line, a re-run sees "done" and skips.

@@ -15,14 +15,21 @@ fine-tune arms (scratch / encoder_only / end_to_end) on one shared pretrain run.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from medsass.trainer import checkpoint as ckpt_mod
+from medsass.trainer import loop
 from medsass.trainer.config import STAGES, TrainConfig, stage_section
+from medsass.trainer.data import check_sample_ids, read_sample_ids, select_rows
+from medsass.trainer.distributed import barrier, setup
+from medsass.trainer.evaluate import eval_rows, run_evaluate
+from medsass.trainer.model import build_model, check_compatible, model_args
 
 from medsass import configio
 from medsass.errors import ConfigError, StoreError
@@ -61,9 +68,6 @@ def run_stages(
 
     Library entry point for the CLI, study runners and SLURM jobs (torchrun: one call per process).
     """
-    import torch
-    from medsass.trainer.distributed import barrier, setup
-
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     stages = list(stages or config.stages)
@@ -82,13 +86,9 @@ def run_stages(
             _clear(plan.dir)
         barrier(dist)
         if plan.stage == "evaluate":
-            from medsass.trainer.evaluate import run_evaluate
-
             metrics = run_evaluate(config, plan, dist)
         else:
-            from medsass.trainer.loop import run_training
-
-            metrics = run_training(config, plan, dist)
+            metrics = loop.run_training(config, plan, dist)
         barrier(dist)
         results[plan.stage] = StageResult(plan.stage, "done", plan.dir, metrics)
     return results
@@ -124,9 +124,6 @@ def run_arms(
 
 def plan_run(config: TrainConfig, stages: Sequence[str], *, restart: bool = False, allow_changed_store: bool = False) -> list[StagePlan]:
     """Check everything a run needs and say, per stage, whether it runs, resumes or is skipped."""
-    from medsass.trainer.evaluate import eval_rows
-    from medsass.trainer.model import build_model
-
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
@@ -168,9 +165,6 @@ def _check_store(name: str, path: str) -> None:
 
 
 def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) -> None:
-    from medsass.trainer.data import select_rows
-    from medsass.trainer.model import check_compatible, model_args
-
     stage, weights = plan.stage, config.stage_stores(plan.stage)
     if not weights:
         raise ConfigError(f"{stage}.stores gives every store weight 0; nothing to train on")
@@ -180,8 +174,6 @@ def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) 
     plan.image_size = next(iter(sizes.values()))
     ids = None
     if stage == "finetune" and config.finetune.labeled_ids:  # exactly these records
-        from medsass.trainer.data import check_sample_ids, read_sample_ids
-
         ids = read_sample_ids(config.finetune.labeled_ids)
         check_sample_ids({n: config.stores[n] for n in weights}, ids, splits=config.finetune.splits,
                          source=config.finetune.labeled_ids)
@@ -234,8 +226,6 @@ def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) 
 
 def _eval_checkpoint(config: TrainConfig, stages: Sequence[str], digests: dict[str, dict[str, str]], allow_changed: bool) -> Path:
     """The checkpoint evaluate scores (checked now unless a stage of this run makes it)."""
-    from medsass.trainer.model import check_compatible, model_args
-
     choice = config.evaluate.checkpoint
     named = {"pretrain": ("pretrain", "final.pt"), "finetune": ("finetune", "final.pt"), "best": ("finetune", "best.pt")}
     if choice in named:
@@ -282,8 +272,6 @@ def _check_existing(config: TrainConfig, plan: StagePlan, digests: dict[str, dic
         raise ConfigError(f"{last} was written with a different config ({', '.join(changed)}); {hint}")
     ckpt_mod.check_stores(ck, digests, where=str(last), allow_changed=allow_changed)
     rt = config.runtime
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if (ck.get("num_workers"), ck.get("world_size")) != (rt.num_workers, world):
         raise ConfigError(
@@ -309,6 +297,4 @@ def _clear(folder: Path) -> None:
 
 
 def _is_main() -> bool:
-    import os
-
     return int(os.environ.get("RANK", "0")) == 0

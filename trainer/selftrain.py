@@ -36,60 +36,34 @@ An existing name is never overwritten.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
+import pyarrow as pa
+import torch
+import zarr
 from medsass.pipeline.methods import FG_HIGH, FG_LOW
+from medsass.trainer import checkpoint as ckpt_mod
+from medsass.trainer.config import TrainConfig
+from medsass.trainer.distributed import DistInfo, all_gather_objects, barrier, setup
+from medsass.trainer.model import build_model
+from medsass.trainer.precision import amp_dtype
+from medsass.trainer.records import pseudo_label_sidecar
+from medsass.trainer.run import run_stages
+from medsass.trainer.stream import ArrayReader, read_rows
+from medsass.trainer.targets import BINARY, PROBABILITY, target_encoding, to_mask
 
+import medsass
+from medsass import configio
 from medsass import manifest as manifest_mod
 from medsass import store as store_mod
 from medsass.errors import ConfigError, StoreError
+from medsass.metrics import iou, mask_counts
 
-BINARY, PROBABILITY = "binary", "probability_u8"  # array attrs['medsass']['encoding']
 SIDECAR_COLUMNS = ("sample_id", "row", "split", "fg_fraction", "mean_confidence", "degenerate")
-
-
-# -- encodings ----------------------------------------------------------------------------------------
-
-
-def target_encoding(store: str | Path, target: str) -> str:
-    """``binary`` or ``probability_u8``: how the values of a target array are to be read."""
-    if not target.startswith(store_mod.PSEUDO_GROUP + "/"):
-        return BINARY
-    if not store_mod.is_store(Path(store) / target):
-        return BINARY
-    return store_mod.array_meta(store, target).attrs.get("encoding", BINARY)
-
-
-def is_soft_target(stores, target: str) -> bool:
-    """Whether ``target`` holds probabilities in these stores (all of them, or none: mixing is refused)."""
-    kinds = {target_encoding(s, target) for s in stores}
-    if len(kinds) > 1:
-        raise ConfigError(f"{target} is soft (probabilities) in some stores and binary in others; "
-                          "pretrain on one kind at a time (give the others weight 0 in pretrain.stores)")
-    return kinds == {PROBABILITY}
-
-
-def to_mask(values: np.ndarray, encoding: str) -> np.ndarray:
-    """The hard mask a target array stands for: > 0 (binary), p >= 0.5 i.e. value >= 128 (probability)."""
-    return values >= 128 if encoding == PROBABILITY else values > 0
-
-
-def augment_soft(images, probs, cfg, generator):
-    """:func:`augment_batch` for a soft target: the same geometry, p resampled bilinearly (not re-binarised)."""
-    from medsass.trainer.augment import augment_batch
-
-    state = generator.get_state()
-    x, _ = augment_batch(images, (probs >= 0.5).to(probs.dtype), cfg, generator)
-    generator.set_state(state)  # same draws: same flips, turns and warp
-    geometry_only = dataclasses.replace(cfg, brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0)
-    p, _ = augment_batch(probs, probs, geometry_only, generator)
-    return x, p
 
 
 # -- re-labelling -------------------------------------------------------------------------------------
@@ -121,9 +95,6 @@ def pool_rows(store: str | Path, splits: Sequence[str]):
 
 
 def load_model(checkpoint: str | Path, device):
-    from medsass.trainer import checkpoint as ckpt_mod
-    from medsass.trainer.model import build_model
-
     ck = ckpt_mod.load(checkpoint)
     model = build_model(ck["model_args"])
     model.load_state_dict(ck["model"])
@@ -132,8 +103,6 @@ def load_model(checkpoint: str | Path, device):
 
 def probabilities(model, images: np.ndarray, *, device, amp=None, batch_size: int = 32) -> np.ndarray:
     """Sigmoid probabilities (n, S, S) float32 of uint8 images (n, S, S)."""
-    import torch
-
     out = []
     with torch.no_grad():
         for a in range(0, len(images), batch_size):
@@ -177,11 +146,6 @@ def relabel(
     Rows outside the pool (test, failed, other splits) stay 0 and are absent from the sidecar.
     Under DDP every rank calls this; rank r writes the whole shards k with k % world_size == r.
     """
-    import torch
-    import zarr
-    from medsass.trainer.distributed import DistInfo, all_gather_objects, barrier
-    from medsass.trainer.stream import ArrayReader
-
     dist = dist or DistInfo()
     if mode not in ("hard", "soft"):
         raise ConfigError(f"mode must be hard or soft, got {mode!r}")
@@ -240,11 +204,7 @@ def relabel(
             "mean_confidence": [c for _, _, c in stats],
             "degenerate": degenerate.tolist(),
         }
-        import pyarrow as pa
-
         manifest_mod.write_table(pa.table(table), store / f"{path}.parquet")
-        import medsass
-
         prov = {
             "name": name, "array": path, "sidecar": f"{path}.parquet", "round": round,
             "rule": rule,
@@ -269,10 +229,6 @@ def relabel(
 
 def mask_quality(store: str | Path, target: str, rows: np.ndarray) -> dict[str, Any]:
     """IoU of ``target``'s masks against the expert labels on ``rows`` (labeled ones): mean per image and micro."""
-    from medsass.trainer.stream import ArrayReader, read_rows
-
-    from medsass.metrics import iou, mask_counts
-
     rows = np.unique(np.asarray(rows, np.int64))
     if len(rows) == 0:
         return {"n": 0, "iou_per_image_mean": None, "iou": None}
@@ -284,8 +240,6 @@ def mask_quality(store: str | Path, target: str, rows: np.ndarray) -> dict[str, 
 
 def labeled_pool_rows(store: str | Path, splits: Sequence[str], target: str | None = None) -> dict[str, np.ndarray]:
     """split -> labeled rows of the pool (restricted to the rows ``target``'s sidecar covers, if it has one)."""
-    from medsass.trainer.records import pseudo_label_sidecar
-
     df = pool_rows(store, splits)
     df = df[df["has_label"]]
     side = pseudo_label_sidecar(store, target) if target else None
@@ -308,14 +262,6 @@ def run_selftrain(config, *, rounds: int | None = None, name: str | None = None)
     checkpoint, pseudo-label IoU against the expert labels on the labeled pool records (measurement
     only) beside its parent's, degenerate counts, and the zero-shot metrics on ``evaluate.splits``.
     """
-    from medsass.trainer import checkpoint as ckpt_mod
-    from medsass.trainer.config import TrainConfig
-    from medsass.trainer.distributed import setup
-    from medsass.trainer.loop import amp_dtype
-    from medsass.trainer.run import run_stages
-
-    from medsass import configio
-
     st = config.selftrain
     rounds, prefix = rounds or st.rounds, name or st.name
     configio.load(type(st), {**configio.to_dict(st), "rounds": rounds, "name": prefix})  # validate the CLI values
@@ -372,8 +318,6 @@ def _same_labels(prov: dict[str, Any] | None, source: Path, parent: str, st) -> 
 
 def _quality(stores: dict[str, Path], target: str, splits: Sequence[str], parent: str | None = None) -> dict[str, Any]:
     """store -> {split: IoU of ``target`` (and of ``parent`` on the same rows), n_records, n_degenerate}: measurement only."""
-    from medsass.trainer.records import pseudo_label_sidecar
-
     out = {}
     for name, path in stores.items():
         rows = labeled_pool_rows(path, splits, target)
@@ -391,11 +335,6 @@ def _quality(stores: dict[str, Path], target: str, splits: Sequence[str], parent
 
 def zero_shot_metrics(config, checkpoint: Path, out_dir: Path) -> dict[str, Any] | None:
     """Evaluate ``checkpoint`` against the expert labels of ``evaluate.splits`` into ``out_dir/evaluate``."""
-    from medsass.trainer.config import TrainConfig
-    from medsass.trainer.run import run_stages
-
-    from medsass import configio
-
     data = configio.to_dict(config)
     data["out_dir"] = str(out_dir)
     data["evaluate"].update(checkpoint=str(checkpoint), target="label")

@@ -50,13 +50,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from medsass.trainer import checkpoint as ck
 from medsass.trainer.data import iter_eval
+from medsass.trainer.distributed import pick_device
 from medsass.trainer.metrics import confusion, iou
+from medsass.trainer.model import build_model, load_weights
+from medsass.trainer.precision import amp_dtype, use_channels_last
 from medsass.trainer.records import rng_for
+from medsass.trainer.suggest_gallery import write_gallery
+from tqdm.auto import tqdm
 
 import medsass
 from medsass.errors import ConfigError, StoreError
 from medsass.manifest import atomic_write_bytes, file_digest, manifest_digest, read_manifest, write_json
+from medsass.store import open_store
 
 STRATEGIES = ("random", "diverse", "uncertain", "hybrid")
 DEFAULT_STRATEGY = "random"  # until the scale study (issue 11) measures whether another beats it
@@ -113,8 +120,6 @@ def forward_pass(model, store: str | Path, rows: np.ndarray, *, batch_size: int,
     hook = model.encoder.register_forward_hook(lambda _m, _i, out: captured.__setitem__("deep", out[-1])) if embeddings and scores else None
     arrays = ("image", "pseudo_mask") if scores else ("image",)
     parts: dict[str, list] = {k: [] for k in ("row", "embedding", "disagreement", "zero_shot_iou", "entropy", "image", "pseudo_mask", "prob")}
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(rows), desc="suggest: model pass", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for batch in iter_eval(store, rows, batch_size=batch_size, arrays=arrays):
@@ -232,10 +237,6 @@ def _reason(strategy: str, rec: dict[str, Any], *, seed: int, first: bool, pool:
 def _load(checkpoint: str | Path, device: torch.device, *, size: int, threads: int | None):
     """The checkpoint's path and dict and its model, in eval mode on ``device``; sets the torch threads
     (``threads``, else the checkpoint config's ``runtime.threads``) and returns the autocast dtype."""
-    from medsass.trainer import checkpoint as ck
-    from medsass.trainer.loop import amp_dtype, use_channels_last
-    from medsass.trainer.model import build_model, load_weights
-
     path = ck.resolve(checkpoint, "pretrain")
     state = ck.load(path)
     model = build_model(state["model_args"])
@@ -259,11 +260,6 @@ def suggest(checkpoint: str | Path, store: str | Path, n: int, out: str | Path, 
             include_degenerate: bool = False, progress: bool = False, pool: str = "unlabeled") -> dict[str, Any]:
     """Rank ``n`` candidates of ``store`` with the model of ``checkpoint`` (a .pt, or a run folder: its
     pretrain/final.pt); write OUT/picks.csv, OUT/gallery.html and OUT/suggest.json. Returns suggest.json's data."""
-    from medsass.trainer.distributed import pick_device
-    from medsass.trainer.suggest_gallery import write_gallery
-
-    from medsass.store import open_store
-
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy!r}: available options are {', '.join(STRATEGIES)}")
     if n < 1 or batch_size < 1:

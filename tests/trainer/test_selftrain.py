@@ -12,15 +12,13 @@ import yaml
 import zarr
 from click.testing import CliRunner
 from medsass.trainer import checkpoint as ckpt_mod
-from medsass.trainer.augment import AugmentConfig, augment_batch
+from medsass.trainer.augment import AugmentConfig, augment_batch, augment_soft
 from medsass.trainer.cli import main
 from medsass.trainer.config import LossConfig, load_config, stage_section
 from medsass.trainer.losses import build_loss, focal_tversky, weighted_bce
 from medsass.trainer.model import build_model, model_args
 from medsass.trainer.records import select_rows
 from medsass.trainer.selftrain import (
-    PROBABILITY,
-    augment_soft,
     load_model,
     match_threshold,
     pool_rows,
@@ -28,9 +26,8 @@ from medsass.trainer.selftrain import (
     provenance,
     relabel,
     shift,
-    target_encoding,
-    to_mask,
 )
+from medsass.trainer.targets import PROBABILITY, target_encoding, to_mask
 
 from medsass import manifest
 from medsass.errors import ConfigError, StoreError
