@@ -33,7 +33,7 @@ from pydicom.pixels.utils import pixel_array
 from medsass.errors import InputError, MissingPluginError, SkipInput
 
 from ..gray import to_gray
-from . import Frame, Probe, check_size, select_frames
+from .frame import Frame, Probe, check_size, select_frames
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 _PIXEL_KEYWORDS = (

@@ -26,7 +26,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from medsass.errors import InputError
 
 from ..gray import to_gray
-from . import DEFAULT_MAX_PIXELS, Frame, Probe, check_size, select_frames
+from .frame import DEFAULT_MAX_PIXELS, Frame, Probe, check_size, select_frames
 
 PIL_FORMATS = {"png": ("PNG",), "jpeg": ("JPEG", "MPO"), "gif": ("GIF",), "bmp": ("BMP", "DIB")}
 ORIENTATION = 0x0112

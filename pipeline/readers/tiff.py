@@ -19,7 +19,7 @@ from tifffile import PHOTOMETRIC, TiffFile, TiffFileError, TiffPage, TiffPageSer
 from medsass.errors import InputError, MissingPluginError
 
 from ..gray import to_gray
-from . import Frame, Probe, check_size, select_frames
+from .frame import Frame, Probe, check_size, select_frames
 
 _SKIP_SERIES = {"thumbnail", "label", "macro", "overview"}
 _ALPHA = {1, 2}  # EXTRASAMPLE.ASSOCALPHA, UNASSALPHA
