@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from medsass.atomic import atomic_write_bytes  # noqa: F401 (re-exported: prep and trainer write through it)
 from medsass.errors import StoreError
+from medsass.jsonl import read_jsonl
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -113,8 +114,6 @@ def write_rows_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Non
 def read_rows_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a manifest part. A damaged line is an error naming the part; a torn last line is dropped with a
     warning (parts are written atomically, and build-masks writes a torn part's shard again before assembling)."""
-    from medsass.jsonl import read_jsonl
-
     return read_jsonl(path, remedy="Delete this part and re-run the same build-masks command: its shard is written again")
 
 

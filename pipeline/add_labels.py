@@ -43,8 +43,10 @@ from medsass.errors import ConfigError, InputError, StoreError, disk_full
 
 from . import geometry
 from .config import LabelSource, resolve_path
+from .discover import sniff
 from .labels import LabelIndex
 from .process import place_label, read_mask, shape_mismatch_reason
+from .readers import probe
 from .shards import part_path
 
 EXIT_OK, EXIT_SOME_REJECTED = 0, 3
@@ -212,8 +214,6 @@ def _real(path: str) -> str:
 
 
 def _sniff(path: str) -> str | None:
-    from .discover import sniff
-
     try:
         return sniff(Path(path))
     except OSError:
@@ -222,8 +222,6 @@ def _sniff(path: str) -> str | None:
 
 def _check_mask(path: str, n_frames: int, shape: tuple[int, int]) -> tuple[str, str] | None:
     """(code, reason) when the mask's header does not fit the record's source image, else None."""
-    from .readers import probe
-
     fmt = _sniff(path)
     if fmt is None:
         return "unreadable", f"{path} is not an image medsass reads (DICOM, PNG, JPEG, TIFF, GIF, BMP)"

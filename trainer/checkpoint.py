@@ -21,6 +21,7 @@ A checkpoint is a plain dict of tensors and plain data (so the safe loader reads
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import warnings
@@ -35,6 +36,7 @@ import medsass
 from medsass.atomic import atomic_open
 from medsass.errors import ConfigError, MedsassWarning, StoreError, check_free_space, disk_full
 from medsass.manifest import file_digest, manifest_digest
+from medsass.store import open_store
 
 FORMAT = 1  # the layout above; raise it when a reader of the old layout would misread the new one
 READS_FORMATS = (1,)  # formats load() accepts
@@ -89,8 +91,6 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def _unreadable_message(path: Path, exc: Exception) -> str:
     """What happened, which file, and what to do about a checkpoint torch cannot read."""
-    import pickle
-
     if isinstance(exc, pickle.UnpicklingError):  # the weights-only loader's long advice is about trusting foreign files
         detail = "it holds Python objects the safe weights-only loader refuses"
     else:
@@ -206,8 +206,6 @@ def prep_params(store: str | Path) -> dict[str, Any]:
 
     Read from ``attrs['medsass']['params']`` (written by ``medsass-prep build-masks``); a store without
     them (e.g. a synthetic test store) records only its size."""
-    from medsass.store import open_store
-
     _, info = open_store(store)
     params = info.attrs.get("params") or {}
     out: dict[str, Any] = {"size": info.size}

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import click
 
+from medsass.errors import MedsassError
+
 STAGE_NAMES = ("pretrain", "finetune", "evaluate")
 
 _config_arg = click.argument("config", metavar="CONFIG")
@@ -36,8 +38,6 @@ def _load(config: str, overrides: Sequence[str]):
 
 
 def _run(config: str, overrides: Sequence[str], stages: Sequence[str] | None, restart: bool, allow_changed_store: bool) -> None:
-    from medsass.errors import MedsassError
-
     try:
         from medsass.trainer.distributed import teardown
         from medsass.trainer.run import run_stages
@@ -107,8 +107,6 @@ _stage_command("evaluate", "Score a checkpoint: IoU/Dice, the pseudo-mask floor,
 @_changed_opt
 def arms_cmd(config: str, overrides: tuple[str, ...], arms: str, restart: bool, allow_changed_store: bool) -> None:
     """One pretrain run, then finetune + evaluate per arm into OUT/arms/<arm>/."""
-    from medsass.errors import MedsassError
-
     try:
         from medsass.trainer.run import run_arms
 
@@ -129,8 +127,6 @@ def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bo
     """Whole method on the bundled CC0 sample (CPU, minutes): prep -> pretrain -> finetune -> evaluate.
 
     --set changes the demo's training config (trainer/demo.py), e.g. --set pretrain.steps=20 for a quicker run."""
-    from medsass.errors import MedsassError
-
     try:
         from medsass.trainer.demo import run_demo
 
@@ -161,7 +157,6 @@ def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds:
     Every finished run is one line of RESULTS_DIR/results.jsonl; re-running skips those and resumes the
     interrupted one. Writes results.csv, table.md and one plot per dataset to the study's results_dir.
     """
-    from medsass.errors import MedsassError
 
     def split(text: str) -> list[str]:
         return [x.strip() for x in text.split(",") if x.strip()]
@@ -185,7 +180,6 @@ def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds:
 def show_config(config: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved config (base files merged, overrides applied, defaults filled)."""
     from medsass import configio
-    from medsass.errors import MedsassError
 
     try:
         click.echo(configio.dump_yaml(_load(config, overrides)), nl=False)
@@ -211,8 +205,6 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str,
     at each input's original size: <name>_mask.png, or a multi-page <name>_mask.tif for multi-frame
     inputs, plus OUT/predictions.csv. Exit 3 when some inputs failed (listed on stderr and in the CSV).
     """
-    from medsass.errors import MedsassError
-
     try:
         from medsass.trainer.predict import CSV_NAME, predict
 
@@ -237,8 +229,6 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str,
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [RUN_DIR/report.html].")
 def report_cmd(run_dir: str, out: str | None) -> None:
     """One self-contained HTML page of a run: loss/val-IoU curves, metrics with the pseudo-mask floor, overlays, config."""
-    from medsass.errors import MedsassError
-
     try:
         from medsass.trainer.report import write_run_report
 
@@ -274,8 +264,6 @@ def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed:
     (rank, sample_id, source_rel, strategy, score, reason, ...), OUT/gallery.html (image, pseudo-mask and zero-shot
     prediction per pick) and OUT/suggest.json (parameters, checkpoint). The default strategy is random for now.
     """
-    from medsass.errors import MedsassError
-
     try:
         from medsass.trainer.suggest import suggest
 
@@ -294,8 +282,6 @@ def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed:
 @click.option("--name", default=None, help="Round r writes pseudo_labels/<NAME>_r<r> [selftrain.name].")
 def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, name: str | None) -> None:
     """Self-training: re-label the train (and val) pool with the pretrained model, pretrain again, N rounds."""
-    from medsass.errors import MedsassError
-
     try:
         from medsass.trainer.distributed import teardown
         from medsass.trainer.selftrain import run_selftrain

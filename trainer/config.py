@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from medsass.pipeline.methods import FG_HIGH, FG_LOW
 from medsass.trainer.augment import AugmentConfig
+from medsass.trainer.records import read_sample_ids, sample_ids_digest
 
 from medsass import configio
 from medsass.errors import ConfigError
@@ -281,8 +282,6 @@ def stage_section(cfg: TrainConfig, stage: str) -> dict[str, Any]:
         del loss["soft_labels"]
     section = {**common, "stores": stores, "loss": loss, stage: configio.to_dict(getattr(cfg, stage))}
     if stage == "finetune" and cfg.finetune.labeled_ids:  # the ids in the file, not only its path, decide the rows
-        from medsass.trainer.records import read_sample_ids, sample_ids_digest
-
         section["labeled_ids_sha256"] = sample_ids_digest(read_sample_ids(cfg.finetune.labeled_ids))
     return section
 

@@ -10,6 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medsass.pipeline.build import build
+from medsass.pipeline.config import load_dataset_file
+from medsass.trainer.config import load_config
+from medsass.trainer.run import run_stages
+
 from medsass.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +39,6 @@ def run_demo(out: str | Path, *, workers: int = 2, progress: bool = True, overri
 
     ``overrides`` (``KEY=VALUE``, as ``--set``) apply to the training config after the demo's own, e.g.
     ``pretrain.steps=2`` for a quick check."""
-    from medsass.pipeline.build import build
-    from medsass.pipeline.config import load_dataset_file
-    from medsass.trainer.config import load_config
-    from medsass.trainer.run import run_stages
-
     if not SAMPLE_DATASET.exists():
         raise ConfigError(f"the demo needs the repository's bundled sample ({SAMPLE_DATASET}); run it from a clone of medsass")
     out = Path(out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from medsass.trainer.config import ModelConfig
 
 from medsass.errors import ConfigError
@@ -123,8 +124,6 @@ def freeze_unused(model, size: int) -> list[str]:
     not used in producing loss"). One eval-mode forward/backward on a blank (1, 1, size, size)
     image finds such parameters; nothing else (running stats, RNG) changes.
     """
-    import torch
-
     was_training = model.training
     model.eval()
     param = next(model.parameters())

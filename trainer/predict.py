@@ -28,10 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 from medsass.pipeline import geometry
+from medsass.pipeline.discover import discover, unreadable_content
 from medsass.pipeline.intensity import to_uint8
+from medsass.pipeline.plan import common_parent
+from medsass.pipeline.readers import probe, read
+from medsass.trainer import checkpoint as ck
 from medsass.trainer.distributed import pick_device
+from medsass.trainer.model import build_model
+from PIL import Image
 
 from medsass import store as store_mod
 from medsass.errors import ConfigError, InputError, SkipInput, StoreError
@@ -88,8 +95,6 @@ def prep_from_checkpoint(ckpt: dict[str, Any], *, where: str, store: str | None 
     """The prep parameters of the stores ``ckpt`` was trained on (one store, or several that agree).
 
     Checkpoints written before prep parameters were recorded fall back to reading the store."""
-    from medsass.trainer.checkpoint import prep_params
-
     stores = dict(ckpt.get("stores") or {})
     if store is not None:
         if store not in stores:
@@ -105,7 +110,7 @@ def prep_from_checkpoint(ckpt: dict[str, Any], *, where: str, store: str | None 
             if not store_mod.is_store(path):
                 raise StoreError(f"{where} predates recorded prep parameters and its store {name!r} ({path}) is gone; "
                                  "restore the store at that path (or re-train) so predict can read how images were prepared")
-            prep = prep_params(path)
+            prep = ck.prep_params(path)
         found[name] = PrepParams.from_record(prep, where=f"store {name!r} of {where}")
     if len(set(found.values())) > 1:
         desc = "; ".join(f"{n}: {p}" for n, p in found.items())
@@ -114,8 +119,6 @@ def prep_from_checkpoint(ckpt: dict[str, Any], *, where: str, store: str | None 
 
 
 def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    from medsass.trainer.model import build_model
-
     model = build_model(ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -123,9 +126,6 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> torch.nn.Module:
 
 def find_inputs(inputs: Sequence[str | Path], out: Path) -> tuple[list[InputFile], list[dict[str, Any]]]:
     """Discovered input files (de-duplicated, files under ``out`` left out) and rows for missing paths."""
-    from medsass.pipeline.discover import discover
-    from medsass.pipeline.plan import common_parent
-
     found, missing, seen = [], [], set()
     out_prefix = str(out.resolve()) + os.sep
     for arg in inputs:
@@ -161,9 +161,6 @@ def predict_files(
     device: torch.device | str = "cpu", batch_size: int = 16, threshold: float = 0.5, probabilities: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict every input with ``model`` (logits out); write masks and the CSV; return the CSV rows."""
-    from medsass.pipeline.discover import unreadable_content
-    from medsass.pipeline.readers import probe, read
-
     out, device = Path(out), torch.device(device)
     model = model.to(device).eval()
     files, rows = find_inputs(inputs, out)
@@ -208,8 +205,6 @@ def predict(
     threshold: float = 0.5, probabilities: bool = False, store: str | None = None,
 ) -> list[dict[str, Any]]:
     """Load ``checkpoint`` (a .pt file or a run folder: its finetune/final.pt) and predict ``inputs`` into ``out``."""
-    from medsass.trainer import checkpoint as ck
-
     if batch_size < 1 or not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size}) and --threshold in [0, 1] (got {threshold})")
     path = ck.resolve(checkpoint, "finetune")
@@ -271,8 +266,6 @@ def _row(source: str, status: str, code: str = "", reason: str = "", **values: A
 
 
 def _png(mask: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(mask).save(buf, format="PNG")
     return buf.getvalue()
@@ -280,8 +273,6 @@ def _png(mask: np.ndarray) -> bytes:
 
 def _tiff(pages: list[np.ndarray]) -> bytes:
     """A multi-page (or single-page) TIFF, one page per 2-D array, zlib-compressed."""
-    import tifffile
-
     buf = io.BytesIO()
     if len({p.shape for p in pages}) == 1:
         data = pages[0] if len(pages) == 1 else np.stack(pages)

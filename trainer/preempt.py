@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as tdist
+from medsass.trainer.distributed import barrier
 
 PREEMPT_EXIT = 75  # sysexits.h EX_TEMPFAIL; distinct from 143 (killed by SIGTERM) and 138 (SIGUSR1)
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -68,8 +70,6 @@ def requested(dist: Any) -> bool:
     global _received
     if not dist.enabled:
         return _received is not None
-    import torch.distributed as tdist
-
     flag = torch.tensor([_received or 0], device=dist.device)
     tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)  # the ranks agree (and on which signal)
     _received = int(flag.item()) or None
@@ -82,8 +82,6 @@ def stop(checkpoint: Callable[[str, Any], None], state: Any, dist: Any, log: Any
     ``log`` (a ``MetricsLog``) gets ``{"step", "preempted": "SIGUSR1", "time"}``: the metrics log shows where a run
     was stopped and resumed.
     """
-    from medsass.trainer.distributed import barrier
-
     exc = Preempted(_received or signal.SIGTERM, state.step)
     checkpoint("last", state)
     if log is not None:

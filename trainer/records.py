@@ -9,11 +9,15 @@
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from medsass import manifest as manifest_mod
 from medsass import store as store_mod
@@ -158,9 +162,6 @@ def read_sample_ids(path: str | Path, *, key: str = "finetune.labeled_ids") -> l
     """Sample ids, in file order without repeats, from a CSV with a ``sample_id`` column (e.g. the picks.csv of
     ``medsass-train suggest``; other columns are ignored) or a text file with one id per line (blank lines and
     lines starting with ``#`` skipped)."""
-    import csv
-    import io
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{key}: {p} does not exist; give a picks.csv (column sample_id) or a text file with one "
@@ -182,8 +183,6 @@ def read_sample_ids(path: str | Path, *, key: str = "finetune.labeled_ids") -> l
 
 def sample_ids_digest(ids: Sequence[str]) -> str:
     """sha256 of a set of sample ids (order and repeats do not matter)."""
-    import hashlib
-
     return hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()
 
 
@@ -234,8 +233,6 @@ def pseudo_label_sidecar(store: str | Path, target: str):
     path = Path(store) / f"{target}.parquet"
     if not path.exists():
         return None
-    import pyarrow.parquet as pq
-
     return pq.read_table(path).to_pandas()
 
 

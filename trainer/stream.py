@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from medsass.trainer.records import (
     TAG_MIX,
     TAG_SHUFFLE,
@@ -52,8 +53,6 @@ class ArrayReader:
         shard = int(rows[0]) // self.shard_records
         if int(rows[-1]) // self.shard_records != shard:
             raise ValueError(f"rows {rows[0]}..{rows[-1]} span several shards of {self.path}; use read_rows()")
-        import zarr
-
         if self._zarr is None:
             self._zarr = zarr.open_array(store=str(self.path), mode="r")
         lo, hi = int(rows[0]), int(rows[-1]) + 1
