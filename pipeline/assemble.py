@@ -21,13 +21,15 @@ from .inspect_store import manifest_counts
 from .output import BuildJob
 from .plan import PlanEntry
 from .shards import part_path
+from .store_polarity import StoreVote
 
 PACKAGES = ("numpy", "zarr", "numcodecs", "dask", "distributed", "scikit-image", "pydicom", "tifffile", "imagecodecs",
             "pillow", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle")
 
 
-def assemble(job: BuildJob, entries: Sequence[PlanEntry], info: StoreInfo) -> dict:
-    """Write the manifest and the summary of a store whose shards are all finished; returns the summary."""
+def assemble(job: BuildJob, entries: Sequence[PlanEntry], info: StoreInfo, vote: StoreVote | None = None) -> dict:
+    """Write the manifest and the summary of a store whose shards are all finished; returns the summary. ``vote``
+    (``--polarity store``) goes into the summary and the store's attributes as ``polarity_vote``."""
     by_source: dict[str, list[dict]] = {}
     for s in range(info.n_shards):
         p = part_path(job.out, s)
@@ -45,9 +47,21 @@ def assemble(job: BuildJob, entries: Sequence[PlanEntry], info: StoreInfo) -> di
     table = manifest.rows_to_table(rows)
     manifest.write_table(table, manifest.manifest_path(job.out))
     summary = build_summary(table, job, info)
+    if vote is not None:
+        summary["polarity_vote"] = vote.as_dict(with_sample=False)
+        _record_vote(job, vote)
     manifest.write_json(summary, manifest.summary_path(job.out))
     store.consolidate(job.out)
     return summary
+
+
+def _record_vote(job: BuildJob, vote: StoreVote) -> None:
+    """The store's polarity and its vote counts in the group's medsass attributes (the sample list stays in
+    ``_medsass/polarity_vote.json``: it names files)."""
+    group, _ = store.open_store(job.out, mode="r+")
+    meta = dict(group.attrs[store.ATTRS_KEY])
+    meta["polarity_vote"] = vote.as_dict(with_sample=False)
+    group.attrs[store.ATTRS_KEY] = meta
 
 
 def _plan_row(e: PlanEntry) -> dict:

@@ -32,6 +32,7 @@ from .labels import LabelIndex
 from .output import BuildJob, open_output
 from .parallel import dask_client
 from .plan import PlanEntry
+from .store_polarity import store_vote
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3
@@ -60,15 +61,16 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, retry_failed: bool = Fal
         clock.lap("cluster")
         labels = plan.label_indexes(cfg)
         entries = _plan(job, client, labels, retry_failed)
+        vote = store_vote(job, client, entries)  # --polarity store: decided once, saved; None otherwise
         clock.lap("plan")
         info = shards.open_arrays(job, entries)
         todo, info = _shards_to_write(job, entries, labels, info, retry_failed)
-        tasks = shards.shard_tasks(job, info, entries, todo)
+        tasks = shards.shard_tasks(job, info, entries, todo, vote.polarity if vote else None)
         clock.restart()
         times = shards.write_shards(client, tasks, progress=rt.progress)
         clock.lap("shards")
     clock.lap("cluster_close")
-    summary = assemble(job, entries, info)
+    summary = assemble(job, entries, info, vote)
     clock.lap("assemble")
     _log_run(job.work, {
         "started": clock.t0, "seconds": round(time.time() - clock.t0, 3), "shard_seconds": round(clock.phases["shards"], 3),

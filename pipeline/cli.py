@@ -9,7 +9,7 @@ import click
 
 from medsass.errors import MedsassError
 
-from .methods import METHODS, POLARITIES, unknown_method
+from .methods import BUILD_POLARITIES, METHODS, unknown_method
 
 EPILOG = """Exit codes: 0 all inputs stored or skipped on purpose; 3 some inputs failed (see the manifest /
 `medsass-prep inspect`); 2 bad usage or configuration; 1 unexpected error."""
@@ -62,7 +62,8 @@ class MethodChoice(click.Choice):
 @click.option("--tile-overlap", type=int, help="Overlap of neighbouring tiles in pixels [0].")
 @click.option("--method", type=MethodChoice(), help="Pseudo-mask threshold [fov_otsu_hull: Otsu inside the field of view, "
               "objects filled to their convex hull]; otsu is the paper's plain per-image Otsu (docs/pseudo_masks.md).")
-@click.option("--polarity", type=click.Choice(POLARITIES), help="Which side is foreground [auto].")
+@click.option("--polarity", type=click.Choice(BUILD_POLARITIES), help="Which side is foreground [auto: per image]; store: one "
+              "side for the whole store, the majority of the per-image auto decisions, minority images flagged.")
 @click.option("--intensity", type=click.Choice(["percentile", "minmax"]), help="How non-8-bit images map to uint8 [percentile].")
 @click.option("--split", "split_spec", help="Fractions, e.g. val=0.1,test=0.2 (train is the rest).")
 @click.option("--seed", type=int, help="Split seed [0].")

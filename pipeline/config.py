@@ -58,7 +58,8 @@ class ThresholdConfig:
     # one of medsass.pipeline.threshold.METHODS. Default: the region-aware fov_otsu_hull, which beat the paper's plain
     # "otsu" on pseudo-mask IoU and as a pretraining target on both PH2 and CXR (docs/results/label_efficiency.md).
     method: str = "fov_otsu_hull"
-    polarity: Literal["auto", "bright", "dark"] = "auto"
+    # auto: per image; store: one side per store, the majority of the per-image auto decisions (pipeline/store_polarity.py)
+    polarity: Literal["auto", "bright", "dark", "store"] = "auto"
     intensity: Literal["percentile", "minmax"] = "percentile"  # how non-8-bit images map to uint8
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from medsass.errors import InputError
 from . import geometry
 from .intensity import to_uint8
 from .labels import binarize
-from .methods import fg_flags
+from .methods import STORE_POLARITY, fg_flags, is_degenerate, store_qc_flags
 from .plan import PlanEntry
 
 IN_MEMORY_MAX_BYTES = 64 << 20  # smaller PNG/JPEG/GIF/BMP files are read once into memory
@@ -52,14 +52,19 @@ def base_row(e: PlanEntry, sha: str) -> dict[str, Any]:
     )
 
 
-def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bool = False) -> list[Record]:
-    """Records for the planned ``rows`` of entry ``e`` (a subset when the file straddles shards)."""
+def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bool = False,
+                  store_polarity: str | None = None) -> list[Record]:
+    """Records for the planned ``rows`` of entry ``e`` (a subset when the file straddles shards). With
+    ``threshold.polarity: store``, ``store_polarity`` is the store's side (the plan's vote, pipeline/store_polarity.py)."""
     from .readers import IN_MEMORY_FORMATS, read
-    from .threshold import pseudo_mask
+    from .threshold import auto_polarity, pseudo_mask
 
     wanted = [(r, f, k) for r, f, k in e.records() if r in set(rows)]
     frames_needed = sorted({f for _, f, _ in wanted})
     g, t = params["geometry"], params["threshold"]
+    store_qc = t["polarity"] == STORE_POLARITY
+    if store_qc and store_polarity not in ("bright", "dark"):
+        raise ValueError(f"threshold.polarity is {STORE_POLARITY!r} but the store's polarity is {store_polarity!r}")
     size, mode = g["size"], "tile" if g["tile"] else g["resize"]
     data = None
     try:
@@ -96,7 +101,8 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             places = geometry.placements(gray.shape, size, mode, g["tile_overlap"])
             if len(places) != e.records_per_frame:
                 raise InputError(e.source, "frame_shape", f"frame {fidx} is {gray.shape}, unlike frame 0 {e.height}x{e.width}")
-            pm = pseudo_mask(gray, method=t["method"], polarity=t["polarity"])
+            own = auto_polarity(gray, method=t["method"]) if store_qc else None
+            pm = pseudo_mask(gray, method=t["method"], polarity=store_polarity if store_qc else t["polarity"])
             u8, low, high = to_uint8(gray, t["intensity"], str(frame.meta.get("orig_dtype", "")))
         except InputError as exc:
             if strict:
@@ -113,6 +119,8 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             crop_mask = pm.mask[p.crop_y : p.crop_y + p.crop_height, p.crop_x : p.crop_x + p.crop_width]
             fg = float(crop_mask.mean()) if mode == "tile" else pm.fg_fraction
             flags = [f for f in pm.flags if f == "constant"] + list(fg_flags(fg))
+            if store_qc:  # store-level QC (auto/bright/dark manifests stay as they were)
+                flags += store_qc_flags(fg, own, pm.polarity, flags)
             meta = manifest.empty_row(
                 **base_row(e, sha), sample_id=sample_id(e, fidx, p), frame=fidx, status="ok", row=r,
                 orig_height=gray.shape[0], orig_width=gray.shape[1], orig_dtype=str(frame.meta.get("orig_dtype", gray.dtype)),
@@ -120,7 +128,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
                 crop_y=p.crop_y, crop_x=p.crop_x, crop_height=p.crop_height, crop_width=p.crop_width, resize_mode=mode,
                 content_y=p.content_y, content_x=p.content_x, content_height=p.content_height, content_width=p.content_width,
                 intensity_low=low, intensity_high=high, method=pm.method, threshold=float(pm.threshold),
-                polarity=pm.polarity, fg_fraction=fg, qc_flags=",".join(flags), degenerate=bool(flags),
+                polarity=pm.polarity, fg_fraction=fg, qc_flags=",".join(flags), degenerate=is_degenerate(flags),
             )
             label_c = None
             if lab is not None:

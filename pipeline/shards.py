@@ -105,6 +105,7 @@ class ShardTask:
     entries: list[PlanEntry]
     params: dict
     strict: bool
+    store_polarity: str | None = None  # --polarity store: the side the plan's vote chose (pipeline/store_polarity.py)
 
 
 @dataclass
@@ -115,7 +116,8 @@ class ShardTimes:
     cpu: float = 0.0
 
 
-def shard_tasks(job: BuildJob, info: StoreInfo, entries: Sequence[PlanEntry], shards: Sequence[int]) -> list[ShardTask]:
+def shard_tasks(job: BuildJob, info: StoreInfo, entries: Sequence[PlanEntry], shards: Sequence[int],
+                store_polarity: str | None = None) -> list[ShardTask]:
     with_rows = [e for e in entries if e.row_start >= 0]  # in row order
     starts = [e.row_start for e in with_rows]
     tasks = []
@@ -124,7 +126,7 @@ def shard_tasks(job: BuildJob, info: StoreInfo, entries: Sequence[PlanEntry], sh
         lo = max(0, bisect_right(starts, a) - 1)
         hi = bisect_right(starts, b - 1)
         mine = [e for e in with_rows[lo:hi] if e.row_start < b and e.row_start + e.n_records > a]
-        tasks.append(ShardTask(str(job.out), shard, a, b, mine, job.params, job.cfg.runtime.strict))
+        tasks.append(ShardTask(str(job.out), shard, a, b, mine, job.params, job.cfg.runtime.strict, store_polarity))
     return tasks
 
 
@@ -147,7 +149,7 @@ def write_shard(task: ShardTask) -> dict:
     rows = []
     for e in task.entries:
         wanted = [r for r in range(e.row_start, e.row_start + e.n_records) if start <= r < task.stop]
-        for rec in process_entry(e, wanted, task.params, strict=task.strict):
+        for rec in process_entry(e, wanted, task.params, strict=task.strict, store_polarity=task.store_polarity):
             meta = rec.meta
             if meta["status"] == "ok":
                 i = rec.row - start

@@ -24,7 +24,7 @@ from .mask_geometry import fill_holes
 from .methods import FG_HIGH, FG_LOW, METHODS, PLAIN_METHODS, POLARITIES, REGION_METHODS, fg_flags  # noqa: F401 (re-exported)
 from .polarity import POLARITY_MAX_SIDE, choose_polarity  # noqa: F401 (re-exported)
 
-__all__ = ["FG_HIGH", "FG_LOW", "METHODS", "POLARITIES", "PseudoMask", "choose_polarity", "field_of_view", "pseudo_mask"]
+__all__ = ["FG_HIGH", "FG_LOW", "METHODS", "POLARITIES", "PseudoMask", "auto_polarity", "choose_polarity", "field_of_view", "pseudo_mask"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,21 @@ def pseudo_mask(
         pol = choose_polarity(gray, threshold, valid=valid) if polarity == "auto" else polarity
     mask = apply_threshold(gray, threshold, pol, valid)
     return result(mask, threshold, pol, method)
+
+
+def auto_polarity(gray: np.ndarray, *, method: str = "otsu", valid: np.ndarray | None = None) -> str:
+    """The side ``pseudo_mask(gray, method=method, polarity="auto", valid=valid)`` takes, without computing the mask
+    (the per-image vote of ``--polarity store``): decided at the plain Otsu level for ``multiotsu`` and the
+    region-aware methods, at the method's own threshold otherwise; ``"bright"`` for a constant image."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}. Available options are: {', '.join(METHODS)}")
+    gray = check_gray(gray)
+    valid = check_valid(valid, gray.shape)
+    values = gray if valid is None else gray[valid]
+    if values.size == 0 or values.min() == values.max():
+        return "bright"
+    level_method = "otsu" if method == "multiotsu" or method in REGION_METHODS else method
+    return choose_polarity(gray, threshold_value(values, level_method), valid=valid)
 
 
 def region_aware(gray: np.ndarray, values: np.ndarray, method: str, polarity: str, valid: np.ndarray | None) -> PseudoMask:

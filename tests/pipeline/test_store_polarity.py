@@ -1,0 +1,180 @@
+"""--polarity store: the store's side by majority vote of the per-image auto rule, decided once in the plan phase and
+recorded; minority images flagged polarity_minority; the implausible-coverage flag fg_implausible."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from medsass.pipeline import methods
+from medsass.pipeline.build import build
+from medsass.pipeline.cli import main
+from medsass.pipeline.config import BuildConfig, InputSource
+from medsass.pipeline.plan import PlanEntry
+from medsass.pipeline.store_polarity import SAMPLE_MAX, VOTE_FILE, decide, sample_entries
+from medsass.pipeline.threshold import auto_polarity, pseudo_mask
+from PIL import Image
+
+from medsass import manifest, store
+
+SIDE = 64
+
+
+def disk_image(bright_object: bool, area: float) -> np.ndarray:
+    """A centred disk covering ``area`` of a SIDE x SIDE image: bright on dark, or dark on bright."""
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    r = np.sqrt(area * SIDE * SIDE / np.pi)
+    disk = (yy - SIDE / 2 + 0.5) ** 2 + (xx - SIDE / 2 + 0.5) ** 2 <= r * r
+    obj, bg = (200, 40) if bright_object else (40, 200)
+    return np.where(disk, obj, bg).astype(np.uint8)
+
+
+def seven_dark_three_bright(folder):
+    """7 dark-object images (lesion-like) and 3 bright-object ones: two whose forced-dark mask is plausible (disk 25%,
+    dark side 75%) and one whose forced-dark mask covers 96% of the image (disk 4%)."""
+    folder.mkdir()
+    for i in range(7):
+        Image.fromarray(disk_image(False, 0.15 + 0.02 * i)).save(folder / f"dark_{i}.png")
+    for i, area in enumerate((0.25, 0.25, 0.04)):
+        Image.fromarray(disk_image(True, area)).save(folder / f"bright_{i}.png")
+    return folder
+
+
+def cfg_for(src, out, scheduler, polarity="store", method="otsu", salt="s1"):
+    cfg = BuildConfig(sources=[InputSource(path=str(src))], out=str(out))
+    cfg.runtime.scheduler, cfg.runtime.progress, cfg.runtime.salt = scheduler, False, salt
+    cfg.geometry.size = 32
+    cfg.threshold.polarity, cfg.threshold.method = polarity, method
+    return cfg
+
+
+def test_the_synthetic_images_have_the_known_auto_sides():
+    for method in ("otsu", "fov_otsu_hull"):
+        assert auto_polarity(disk_image(False, 0.2), method=method) == "dark"
+        assert auto_polarity(disk_image(True, 0.25), method=method) == "bright"
+        assert auto_polarity(disk_image(True, 0.04), method=method) == "bright"
+        for img in (disk_image(False, 0.2), disk_image(True, 0.04)):  # the side pseudo_mask's auto takes
+            assert auto_polarity(img, method=method) == pseudo_mask(img, method=method, polarity="auto").polarity
+    assert auto_polarity(np.full((8, 8), 7, np.uint8)) == "bright"  # constant: pseudo_mask's side
+    with pytest.raises(ValueError, match="unknown method"):
+        auto_polarity(disk_image(True, 0.2), method="otsuu")
+
+
+def test_majority_vote_seven_dark_three_bright(tmp_path, dask_scheduler):
+    src = seven_dark_three_bright(tmp_path / "in")
+    out = tmp_path / "s.zarr"
+    assert build(cfg_for(src, out, dask_scheduler)).exit_code == 0
+    df = manifest.read_manifest(out).set_index("source_rel")
+    assert (df.polarity == "dark").all()  # every image thresholded with the store's side
+    minority = {r for r, f in df.qc_flags.items() if methods.POLARITY_MINORITY in f.split(",")}
+    assert minority == {"bright_0.png", "bright_1.png", "bright_2.png"}
+    # the two plausible minority masks stay in pretraining; the 96% one is implausible and excluded
+    assert df.loc["bright_0.png", "qc_flags"] == "polarity_minority" and not df.loc["bright_0.png", "degenerate"]
+    assert df.loc["bright_2.png", "fg_fraction"] == pytest.approx(0.96, abs=0.01)
+    assert df.loc["bright_2.png", "qc_flags"] == "fg_implausible,polarity_minority" and df.loc["bright_2.png", "degenerate"]
+    assert not df.loc[[f"dark_{i}.png" for i in range(7)], "degenerate"].any()
+    assert (df.loc[[f"dark_{i}.png" for i in range(7)], "qc_flags"] == "").all()
+    # recorded: the vote file, the summary and the store's attributes
+    saved = manifest.read_json(store.work_dir(out) / VOTE_FILE)
+    summary = manifest.read_json(manifest.summary_path(out))["polarity_vote"]
+    attrs = store.open_store(out)[1].attrs["polarity_vote"]
+    for rec in (saved, summary, attrs):
+        assert rec["polarity"] == "dark" and rec["votes"] == {"bright": 3, "dark": 7}
+        assert rec["n_sampled"] == 10 and rec["n_inputs"] == 10 and rec["unreadable"] == 0 and not rec["mixed"]
+    assert "sample" not in attrs and "sample" not in summary and len(saved["sample"]) == 10  # file names stay in _medsass
+
+
+def test_auto_and_fixed_polarities_add_no_store_flags(tmp_path, dask_scheduler):
+    src = seven_dark_three_bright(tmp_path / "in")
+    out = tmp_path / "a.zarr"
+    assert build(cfg_for(src, out, dask_scheduler, polarity="auto")).exit_code == 0
+    df = manifest.read_manifest(out).set_index("source_rel")
+    assert set(df.polarity) == {"bright", "dark"} and (df.qc_flags == "").all()
+    assert "polarity_vote" not in manifest.read_json(manifest.summary_path(out))
+    assert not (store.work_dir(out) / VOTE_FILE).exists()
+    out = tmp_path / "d.zarr"
+    assert build(cfg_for(src, out, dask_scheduler, polarity="dark")).exit_code == 0
+    df = manifest.read_manifest(out).set_index("source_rel")
+    assert (df.polarity == "dark").all() and (df.qc_flags == "").all()  # 96% stays unflagged: as before
+
+
+def test_vote_is_deterministic_and_recorded_for_resume(tmp_path, dask_scheduler):
+    src = seven_dark_three_bright(tmp_path / "in")
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    build(cfg_for(src, a, dask_scheduler, salt="one"))
+    build(cfg_for(src, b, dask_scheduler, salt="two"))  # another salt, same inputs: the same sample and decision
+    va, vb = (manifest.read_json(store.work_dir(p) / VOTE_FILE) for p in (a, b))
+    assert va == vb
+    # resume: the saved decision is read back, not re-voted. Tamper with it to prove it: the re-written shard
+    # uses the saved side.
+    before = manifest.read_manifest(a)
+    vote_file = store.work_dir(a) / VOTE_FILE
+    manifest.write_json({**va, "polarity": "bright"}, vote_file)
+    parts = sorted((store.work_dir(a) / "parts").glob("shard-*.jsonl"))
+    parts[0].unlink()
+    build(cfg_for(src, a, dask_scheduler, salt="one"))
+    after = manifest.read_manifest(a)
+    rewritten = after.shard == 0
+    assert rewritten.any() and (after.polarity[rewritten] == "bright").all()
+    # and untampered, a resumed store is the one an uninterrupted run made
+    manifest.write_json(va, vote_file)
+    for p in (store.work_dir(a) / "parts").glob("shard-*.jsonl"):
+        p.unlink()
+    build(cfg_for(src, a, dask_scheduler, salt="one"))
+    again = manifest.read_manifest(a)
+    assert again.equals(before)
+
+
+def entries(names):
+    return [PlanEntry(source=f"/x/{n}", root="/x", rel=n, sample_base=n, source_index=0, size_bytes=1, mtime_ns=0,
+                      row_start=i) for i, n in enumerate(names)]
+
+
+def test_sample_is_seeded_capped_and_independent_of_order():
+    names = [f"img_{i:04d}.png" for i in range(700)]
+    es = entries(names)
+    s1 = [e.sample_base for e in sample_entries(es, seed=0)]
+    s2 = [e.sample_base for e in sample_entries(list(reversed(es)), seed=0)]
+    assert len(s1) == SAMPLE_MAX and s1 == s2
+    assert s1 != [e.sample_base for e in sample_entries(es, seed=1)]
+    failed = entries(["bad.png"])
+    failed[0].row_start = -1  # failed or skipped at planning: no rows, no vote
+    assert sample_entries(failed + entries(["a.png"]), seed=0)[0].sample_base == "a.png"
+    assert len(sample_entries(failed, seed=0)) == 0
+
+
+def test_decide_majority_ties_and_mixed():
+    assert decide(["dark"] * 7 + ["bright"] * 3) == ("dark", {"bright": 3, "dark": 7}, False)
+    assert decide(["bright"] * 3 + ["dark"] * 2 + [None]) == ("bright", {"bright": 3, "dark": 2}, True)
+    assert decide(["dark", "bright"]) == ("bright", {"bright": 1, "dark": 1}, True)  # a tie goes to bright, mixed
+    assert decide([None, None])[0] == "bright" and not decide([])[2]
+
+
+def test_coverage_flag_threshold():
+    t = methods.FG_IMPLAUSIBLE
+    assert methods.store_qc_flags(t, "dark", "dark") == []  # at the limit: plausible
+    assert methods.store_qc_flags(t + 1e-6, "dark", "dark") == ["fg_implausible"]
+    assert methods.store_qc_flags(0.999, "dark", "dark", ["fg_high"]) == []  # fg_high says it already
+    assert methods.store_qc_flags(0.5, "bright", "dark") == ["polarity_minority"]
+    assert methods.store_qc_flags(0.0, "bright", "dark", ["constant", "fg_low"]) == []  # a constant image has no side
+    assert methods.is_degenerate(["polarity_minority"]) is False
+    assert methods.is_degenerate(["fg_implausible"]) is True
+    assert methods.is_degenerate(["polarity_minority", "fg_low"]) is True
+    assert methods.is_degenerate([]) is False
+    # every real label measured lies below it except one PH2 lesion filling the image (docs/pseudo_masks.md)
+    assert 0.8 < t < 0.99
+
+
+def test_cli_polarity_choice(tmp_path, dask_scheduler):
+    src = seven_dark_three_bright(tmp_path / "in")
+    out = tmp_path / "cli.zarr"
+    common = ["build-masks", str(src), "--size", "32", "--method", "otsu", "--salt", "x", "--scheduler", dask_scheduler,
+              "--no-progress"]
+    res = CliRunner().invoke(main, [*common, "--out", str(out), "--polarity", "store"])
+    assert res.exit_code == 0, res.output
+    params = json.loads((store.work_dir(out) / "params.json").read_text())["params"]
+    assert params["threshold"]["polarity"] == "store"
+    assert manifest.read_json(manifest.summary_path(out))["polarity_vote"]["polarity"] == "dark"
+    bad = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "bad.zarr"), "--polarity", "majority"])
+    assert bad.exit_code == 2 and "store" in bad.output and not (tmp_path / "bad.zarr").exists()
+    helped = CliRunner().invoke(main, ["build-masks", "--help"])
+    assert "[auto|bright|dark|store]" in helped.output.replace("\n", "").replace(" ", "")
