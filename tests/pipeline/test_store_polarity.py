@@ -15,6 +15,7 @@ from medsass.pipeline.threshold import auto_polarity, pseudo_mask
 from PIL import Image
 
 from medsass import manifest, store
+from medsass.errors import MedsassWarning
 
 SIDE = 64
 
@@ -178,3 +179,16 @@ def test_cli_polarity_choice(tmp_path, dask_scheduler):
     assert bad.exit_code == 2 and "store" in bad.output and not (tmp_path / "bad.zarr").exists()
     helped = CliRunner().invoke(main, ["build-masks", "--help"])
     assert "[auto|bright|dark|store]" in helped.output.replace("\n", "").replace(" ", "")
+
+
+def test_a_mixed_vote_warns_and_is_recorded(tmp_path, dask_scheduler):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(disk_image(False, 0.2)).save(src / f"dark_{i}.png")
+        Image.fromarray(disk_image(True, 0.25)).save(src / f"bright_{i}.png")
+    out = tmp_path / "m.zarr"
+    with pytest.warns(MedsassWarning, match="mixed"):
+        build(cfg_for(src, out, dask_scheduler))
+    vote = manifest.read_json(manifest.summary_path(out))["polarity_vote"]
+    assert vote["mixed"] and vote["votes"] == {"bright": 3, "dark": 3} and vote["polarity"] == "bright"  # tie -> bright
