@@ -6,6 +6,8 @@ manifest summary) and a human ``reason``.
 """
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 
 
@@ -52,8 +54,6 @@ class DiskFullError(MedsassError):
 
 def _free_bytes(path: Path) -> int | None:
     """Free bytes on the disk that holds ``path`` (or its nearest existing parent); None if unknown."""
-    import shutil
-
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
@@ -67,8 +67,6 @@ def disk_full(exc: BaseException, path: str | Path, what: str) -> DiskFullError 
 
     Libraries wrap the OSError (torch.save raises ``RuntimeError: ... unexpected pos``), so the chain is walked.
     """
-    import errno
-
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from scipy.ndimage import binary_erosion
 
 from medsass.manifest import atomic_write_bytes
 
@@ -48,8 +50,6 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def png_bytes(rgb: np.ndarray) -> bytes:
     """PNG encoding of a uint8 (H, W) or (H, W, 3) array."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb.astype(np.uint8))).save(buf, format="PNG")
     return buf.getvalue()
@@ -115,6 +115,7 @@ def write(path: str | Path, document: str) -> Path:
 
 def new_figure(width: float = 6.0, height: float = 3.2):
     """A matplotlib Figure on an Agg canvas (works without a display)."""
+    # matplotlib (~0.7 s to import) loads when a figure is drawn: suggest's gallery uses this module without one
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -143,8 +144,6 @@ def histogram_png(values: Sequence[float] | np.ndarray, *, title: str, xlabel: s
 
 def outline(mask: np.ndarray) -> np.ndarray:
     """The one-pixel inner boundary of a boolean mask."""
-    from scipy.ndimage import binary_erosion
-
     mask = mask.astype(bool)
     return mask & ~binary_erosion(mask, iterations=1, border_value=0)
 
@@ -154,8 +153,6 @@ def contour_overlay(image: np.ndarray, masks: Sequence[tuple[np.ndarray, tuple[i
 
     Masks are resized with nearest neighbour to the same grid before their outlines are drawn, so
     the lines stay one pixel wide at display size."""
-    from PIL import Image
-
     h, w = image.shape
     scale = size / max(h, w)
     th, tw = max(1, round(h * scale)), max(1, round(w * scale))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
 
 from medsass.errors import StoreError
 from medsass.manifest import SCHEMA_VERSION, check_schema_version
@@ -166,8 +167,6 @@ def drop_shard(group: zarr.Group, name: str, shard: int) -> None:
 
     For rewriting a shard that may be torn (a write killed half-way): zarr 3 reads a shard back before writing
     into it, even when the write covers all of it, and fails on a damaged one."""
-    from zarr.core.sync import sync
-
     arr = group[name]
     sync((arr.store_path / arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))).delete())
 

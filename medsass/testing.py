@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from skimage.filters import threshold_otsu
 
 from medsass import manifest, store
 
@@ -39,8 +41,6 @@ def make_synthetic_store(
     seed: int = 0,
 ) -> Path:
     """Write a finished medsass store with ``n`` records; returns its path."""
-    from skimage.filters import threshold_otsu
-
     path = Path(path)
     rng = np.random.default_rng(seed)
     group = store.create(path, n_records=n, size=size, shard_records=shard_records, attrs={"params": {"synthetic": True}})
@@ -88,8 +88,6 @@ def make_synthetic_store(
 
 def write_blob_pngs(folder: str | Path, n: int, *, size: int = 96, seed: int = 0, masks: str | Path | None = None) -> list[Path]:
     """``n`` blob PNGs (and their true masks as {0,255} PNGs in ``masks``) with the same stems."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ pixels equal to the threshold belong to the dark side).
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 from skimage import filters
 
 from .methods import METHODS
@@ -61,8 +62,6 @@ def histogram_u8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """skimage's uint8 histogram (one bin per value, trimmed to [min, max]) via Pillow's C histogram,
     ~10x faster than ``np.bincount`` on a 512x512 image; ``threshold_otsu(hist=...)`` then gives exactly
     ``threshold_otsu(values)``."""
-    from PIL import Image
-
     v = np.ascontiguousarray(values.reshape(1, -1) if values.ndim != 2 else values)
     counts = np.asarray(Image.fromarray(v, mode="L").histogram(), dtype=np.int64)
     nz = np.flatnonzero(counts)
