@@ -1,181 +1,202 @@
-"""How good are threshold pseudo-masks on real images with expert masks, and does polarity="auto" pick the
-right side?
+"""How good are the stored pseudo-masks against expert masks, does polarity="auto" pick the right side, and what
+does each threshold method cost? Every figure of docs/pseudo_masks.md comes from one run of this script.
 
-For every image/mask pair of the datasets in ../shared/data (pairing rules from each SOURCE.md), and for every
-method of medsass.pipeline.threshold, it computes the per-image IoU against the expert mask for four polarities:
-auto (the module's rule), bright, dark, and oracle (the better of bright and dark for that image), then prints
-the mean IoU per dataset (and per subset) and how often auto picked the oracle's side.
+Everything goes through build-masks' own path: for each dataset file data_manifests/NAME.yaml with expert masks and
+each arm (``threshold.method``, ``threshold.polarity``) it builds a scratch store with
+``medsass.pipeline.build.build`` (the pipeline's readers, grayscale conversion, label pairing and resizing; fixed
+salt; one Dask worker) and scores every stored ``pseudo_mask`` against the stored ``label``
+(``pipeline.report.pseudo_label_iou``: per-image IoU, an empty pair scores 1). The masks are computed at native
+resolution and scored **at the store's size** (the dataset file's ``geometry.size``: 256, the bundled sample 128).
+``oracle`` is the better of the bright and dark arm for each image; auto agrees with the oracle when its IoU is
+not lower. Inputs without expert masks (cxr_shenzhen's unlabeled/) are left out of the builds.
 
-    python benchmarks/pseudo_mask_quality.py                        # all datasets, all methods
-    python benchmarks/pseudo_mask_quality.py --datasets ph2_dermoscopy cxr_lungs --methods otsu
-    python benchmarks/pseudo_mask_quality.py --out /tmp/tables.md --timing --rules
+Timing: ``pseudo_mask(gray, method=m, polarity="auto")`` on the same images for every method, read with the
+pipeline's readers at native resolution (the work build-masks does per image), methods interleaved per image, the
+median of ``--repeat`` runs per image, summed; ratios are to ``otsu``.
 
-Grayscale: colour images become float32 BT.601 luma (0.299 R + 0.587 G + 0.114 B; alpha dropped); single-channel
-images keep their dtype (8-bit, 16-bit). Expert masks: binary GT = mask > 0 (instance labels included). The
-expert masks are used for measuring only; nothing here feeds them back into the thresholding.
+    python benchmarks/pseudo_mask_quality.py --out docs/results/pseudo_masks   # all tables (.md + .json)
+    python benchmarks/pseudo_mask_quality.py --datasets ph2_dermoscopy --methods otsu fov_otsu_hull
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
-from medsass.metrics import mask_iou
+import pandas as pd
+from medsass import jsonl, manifest, store
 from medsass.pipeline import threshold as th
-from PIL import Image
+from medsass.pipeline.build import build
+from medsass.pipeline.config import load_dataset_file
+from medsass.pipeline.parallel import dask_client
+from medsass.pipeline.readers import read
+from medsass.pipeline.report import pseudo_label_iou
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DATASETS = ("ph2_dermoscopy", "isic_sample", "nuclei_sample", "retina_vessels", "cxr_lungs", "sample")
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "dsb2018_nuclei"  # the bundled CC0 nuclei tiles
-POLARITIES = ("auto", "oracle", "bright", "dark")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def pairs(dataset: str, root: Path = DATA) -> list[tuple[str, Path, Path]]:
-    """(subset, image path, mask path) for one dataset, following its SOURCE.md pairing rule."""
-    d = root / dataset
-    if dataset == "sample":
-        return [("DSB2018", p, SAMPLE / "masks" / p.name) for p in sorted((SAMPLE / "images").glob("*.tif"))]
-    if dataset == "ph2_dermoscopy":
-        return [("PH2", p, d / "masks" / f"{p.stem}_lesion.png") for p in sorted((d / "images").glob("*.png"))]
-    if dataset == "isic_sample":
-        return [("ISIC", p, d / "masks" / f"{p.stem}.png") for p in sorted((d / "images").glob("*.jpg"))]
-    if dataset == "cxr_lungs":
-        return [("CXR", p, d / "masks" / f"{p.stem}.png") for p in sorted((d / "images").iterdir())]
-    if dataset == "nuclei_sample":
-        out = []
-        for sub in ("N2DH-GOWT1", "N2DL-HeLa", "NIH3T3"):
-            for p in sorted((d / sub / "images").iterdir()):
-                if p.suffix == ".tif":  # tNN.tif <-> man_segNN.tif
-                    m = p.parent.parent / "masks" / f"man_seg{p.stem[1:]}.tif"
-                else:  # dna-N.png <-> N.png
-                    m = p.parent.parent / "masks" / f"{p.stem.split('-', 1)[1]}.png"
-                out.append((sub, p, m))
-        return out
-    if dataset == "retina_vessels":  # sorted order pairs them within each subfolder
-        out = []
-        for sub, img_glob, mask_glob in (("DRIVE", "*_training.tif", "*_manual1.gif"),
-                                         ("CHASE_DB1", "*.jpg", "*_1stHO.png")):
-            imgs = sorted((d / sub / "images").glob(img_glob))
-            masks = sorted((d / sub / "masks").glob(mask_glob))
-            if len(imgs) != len(masks):
-                raise RuntimeError(f"{d / sub}: {len(imgs)} images but {len(masks)} masks")
-            out += [(sub, i, m) for i, m in zip(imgs, masks)]
-        return out
-    raise ValueError(f"unknown dataset {dataset!r}. Available options are: {', '.join(DATASETS)}")
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "data_manifests"
+DATASETS = ("ph2_dermoscopy", "isic_sample", "nuclei_sample", "retina_vessels", "cxr_lungs", "sample",
+            "cxr_shenzhen", "nuclei_dsb2018", "polyps_kvasir")
+LARGE = ("cxr_shenzhen", "nuclei_dsb2018", "polyps_kvasir")  # 500-1000 images each: LARGE_METHODS only (run time)
+LARGE_METHODS = ("otsu", "fov_otsu_hull")
+SIDES = ("bright", "dark")
+SALT = "pseudo-mask-quality"
+TIMING_DATASETS = ("ph2_dermoscopy", "cxr_lungs", "nuclei_sample", "cxr_shenzhen", "polyps_kvasir")
+TIMING_PER_DATASET = 12  # first images (by sample_id) of each timing dataset
 
 
-def read_array(path: Path) -> np.ndarray:
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return tifffile.imread(path)
-    with Image.open(path) as im:
-        if im.mode in ("P", "PA"):
-            im = im.convert("RGB")
-        elif im.mode in ("1", "LA"):
-            im = im.convert("L")
-        return np.asarray(im)
+# ----------------------------------------------------------------------------- building and scoring
 
 
-def to_gray(a: np.ndarray) -> np.ndarray:
-    """Colour -> float32 BT.601 luma; single-channel images keep their dtype."""
-    if a.ndim == 3:
-        rgb = a[..., :3].astype(np.float32)
-        return rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587) + rgb[..., 2] * np.float32(0.114)
-    return a
+def arms(dataset: str, methods) -> list[tuple[str, str]]:
+    methods = [m for m in methods if m in LARGE_METHODS] if dataset in LARGE else list(methods)
+    return [(m, p) for m in methods for p in ("auto", *SIDES)]
 
 
-def load_gt(path: Path) -> np.ndarray:
-    m = read_array(path)
-    if m.ndim == 3:
-        m = m[..., :3].max(axis=-1)
-    return m > 0
+def build_arm(dataset: str, method: str, polarity: str, scratch: Path, scheduler: str) -> tuple[Path, dict]:
+    """Build one store the way ``build-masks --dataset data_manifests/DATASET.yaml`` does; its run log entry."""
+    out = scratch / f"{dataset}-{method}-{polarity}.zarr"
+    cfg = load_dataset_file(MANIFESTS / f"{dataset}.yaml", [
+        f"threshold.method={method}", f"threshold.polarity={polarity}", f"out={out}", f"runtime.salt={SALT}",
+        "runtime.workers=1", f"runtime.scheduler={scheduler}", "runtime.progress=false"])
+    cfg.sources = [s for s in cfg.sources if s.labels.dir or s.labels.pairs]  # only inputs with expert masks
+    build(cfg, overwrite=True)
+    return out, jsonl.read_jsonl(store.work_dir(out) / "runs.jsonl")[-1]
 
 
-# ----------------------------------------------------------------------------- measuring
+def subset_of(cfg_sources, source: str) -> str:
+    for s in cfg_sources:
+        if source.startswith(s.path):
+            p = Path(s.path)
+            return p.parent.name if p.name == "images" else p.name
+    return "?"
 
 
-iou = mask_iou  # the one IoU (medsass.metrics): 1 when both masks are empty
+def score(path: Path, dataset: str) -> pd.DataFrame:
+    """One row per labelled record: sample_id, subset, polarity taken, threshold, IoU at the store's size."""
+    group, info = store.open_store(path)
+    df = manifest.read_manifest(path)
+    df = df[(df.status == "ok") & df.has_label].sort_values("row").reset_index(drop=True)
+    sources = load_dataset_file(MANIFESTS / f"{dataset}.yaml").sources
+    labelled = [s for s in sources if s.labels.dir or s.labels.pairs]
+    subset = [subset_of(labelled, s) for s in df.source] if len(labelled) > 1 else ["all"] * len(df)
+    iou = pseudo_label_iou(group, info, df.row.to_numpy())
+    return pd.DataFrame({"sample_id": df.sample_id, "subset": subset, "source": df.source, "format": df.format,
+                         "polarity": df.polarity, "threshold": df.threshold, "iou": iou, "size": info.size})
 
 
-@dataclass
-class Row:
-    dataset: str
-    subset: str
-    name: str
-    method: str
-    iou: dict[str, float]  # polarity -> IoU
-    auto_side: str
-    oracle_side: str
-
-    @property
-    def agree(self) -> bool:  # ties count as agreement
-        return self.iou["auto"] >= self.iou["oracle"] - 1e-12
-
-
-def measure(gray: np.ndarray, gt: np.ndarray, method: str) -> tuple[dict[str, float], str, str]:
-    res = {p: th.pseudo_mask(gray, method=method, polarity=p) for p in ("auto", "bright", "dark")}
-    ious = {p: iou(r.mask, gt) for p, r in res.items()}
-    oracle_side = "bright" if ious["bright"] >= ious["dark"] else "dark"
-    ious["oracle"] = ious[oracle_side]
-    return ious, res["auto"].polarity, oracle_side
+def run(datasets, methods, scratch: Path, log=sys.stderr) -> tuple[pd.DataFrame, list[dict]]:
+    frames, builds = [], []
+    with dask_client(1, quiet=True) as client:
+        scheduler = client.scheduler.address
+        for ds in datasets:
+            for m, p in arms(ds, methods):
+                t0 = time.perf_counter()
+                path, entry = build_arm(ds, m, p, scratch, scheduler)
+                s = score(path, ds).assign(dataset=ds, method=m, arm=p)
+                frames.append(s)
+                builds.append({"dataset": ds, "method": m, "polarity": p, "records": entry["records_run"],
+                               "task_cpu_seconds": entry["task_cpu_seconds"], "seconds": entry["seconds"]})
+                print(f"  {ds} {m} {p}: n={len(s)} mean IoU {s.iou.mean():.3f} ({time.perf_counter() - t0:.1f} s)",
+                      file=log, flush=True)
+    return pd.concat(frames, ignore_index=True), builds
 
 
-def run(datasets, methods, root: Path = DATA, log=sys.stderr) -> list[Row]:
+def per_image(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, method, image): IoU of each arm, the auto side, the oracle side and agreement."""
+    wide = scores.pivot_table(index=["dataset", "subset", "method", "sample_id"], columns="arm", values="iou")
+    side = scores[scores.arm == "auto"].set_index(["dataset", "subset", "method", "sample_id"]).polarity
+    wide = wide.join(side.rename("auto_side")).reset_index()
+    if {"bright", "dark"} <= set(wide.columns):
+        has = wide.bright.notna() & wide.dark.notna()
+        wide["oracle"] = np.where(has, np.fmax(wide.bright, wide.dark), np.nan)
+        wide["oracle_side"] = np.where(has, np.where(wide.bright >= wide.dark, "bright", "dark"), None)
+        wide["agree"] = np.where(has, wide["auto"] >= wide.oracle - 1e-12, np.nan)
+    return wide
+
+
+def unlabeled_sides(dataset: str, methods, scratch: Path) -> str:
+    """The side auto takes per record of a dataset without expert masks (dicom): what there is to report."""
+    out = ["| file | modality | photometric | size | " + " | ".join(methods) + " |", "|---|---|---|---|" + "---|" * len(methods)]
+    got = {}
+    with dask_client(1, quiet=True) as client:
+        for m in methods:
+            cfg = load_dataset_file(MANIFESTS / f"{dataset}.yaml", [
+                f"threshold.method={m}", f"out={scratch / f'{dataset}-{m}.zarr'}", f"runtime.salt={SALT}",
+                "runtime.workers=1", f"runtime.scheduler={client.scheduler.address}", "runtime.progress=false"])
+            build(cfg, overwrite=True)
+            got[m] = manifest.read_manifest(cfg.out)
+    first = got[methods[0]]
+    for i, r in first[(first.frame == 0) & (first.reason_code != "not_an_image")].iterrows():
+        side = [got[m].polarity[i] if got[m].status[i] == "ok" else got[m].reason_code[i] for m in methods]
+        size = f"{r.orig_width}x{r.orig_height}" if r.status == "ok" else "-"
+        out.append(f"| {Path(r.source).name} | {r.modality} | {r.photometric} | {size} | " + " | ".join(side) + " |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def summary_rows(wide: pd.DataFrame, datasets, methods) -> list[dict]:
     rows = []
     for ds in datasets:
-        for subset, img_path, mask_path in pairs(ds, root):
-            gray, gt = to_gray(read_array(img_path)), load_gt(mask_path)
-            if gray.shape != gt.shape:
-                raise RuntimeError(f"{img_path}: image {gray.shape} and mask {gt.shape} differ")
+        d = wide[wide.dataset == ds]
+        subsets = ["all"] + (sorted(set(d.subset)) if d.subset.nunique() > 1 else [])
+        for sub in subsets:
             for m in methods:
-                ious, auto_side, oracle_side = measure(gray, gt, m)
-                rows.append(Row(ds, subset, img_path.name, m, ious, auto_side, oracle_side))
-            print(f"  {ds}/{subset}/{img_path.name}", file=log, flush=True)
+                r = d[(d.method == m) & ((d.subset == sub) | (sub == "all"))]
+                if r.empty:
+                    continue
+                row = {"dataset": ds, "subset": sub, "n": len(r), "method": m}
+                for p in ("auto", "oracle", "bright", "dark"):
+                    row[p] = round(float(r[p].mean()), 4) if p in r and r[p].notna().all() else None
+                sided = "agree" in r and r.agree.notna().all()
+                row["agree"] = int(r.agree.sum()) if sided else None
+                row["bright_auto"] = int((r.auto_side == "bright").sum())
+                rows.append(row)
     return rows
 
 
-# ----------------------------------------------------------------------------- reporting
+def fmt(x, nd=3) -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
 
 
-def summary_table(rows: list[Row], methods) -> str:
-    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
+def summary_table(rows: list[dict]) -> str:
+    out = ["| dataset | subset | n | method | auto | oracle | bright | dark | auto = oracle side | auto took bright |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        groups[(r.dataset, "all")].append(r)
-        groups[(r.dataset, r.subset)].append(r)
-    lines = ["| dataset | subset | n | method | auto | oracle | bright | dark | auto = oracle side |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-    for (ds, sub), rs in groups.items():
-        subsets = {r.subset for r in rows if r.dataset == ds}
-        if sub != "all" and len(subsets) == 1:
-            continue
-        for m in methods:
-            mr = [r for r in rs if r.method == m]
-            if not mr:
-                continue
-            mean = {p: np.mean([r.iou[p] for r in mr]) for p in POLARITIES}
-            agree = sum(r.agree for r in mr)
-            lines.append(f"| {ds} | {sub} | {len(mr)} | {m} | {mean['auto']:.3f} | {mean['oracle']:.3f} | "
-                         f"{mean['bright']:.3f} | {mean['dark']:.3f} | {agree}/{len(mr)} ({agree / len(mr):.0%}) |")
-    return "\n".join(lines)
+        agree = "-" if r["agree"] is None else f"{r['agree']}/{r['n']} ({r['agree'] / r['n']:.0%})"
+        out.append(f"| {r['dataset']} | {r['subset']} | {r['n']} | {r['method']} | {fmt(r['auto'])} | {fmt(r['oracle'])} | "
+                   f"{fmt(r['bright'])} | {fmt(r['dark'])} | {agree} | {r['bright_auto']}/{r['n']} |")
+    return "\n".join(out)
 
 
-def disagreements(rows: list[Row], method: str = "otsu") -> str:
-    lines = ["| dataset | image | auto | oracle | IoU bright | IoU dark |", "|---|---|---|---|---:|---:|"]
-    for r in rows:
-        if r.method == method and not r.agree:
-            lines.append(f"| {r.dataset} | {r.name} | {r.auto_side} | {r.oracle_side} | "
-                         f"{r.iou['bright']:.3f} | {r.iou['dark']:.3f} |")
-    return "\n".join(lines)
+def disagreements(wide: pd.DataFrame, method: str = "otsu") -> str:
+    """Listed for the small datasets; the large ones are counted in the summary only."""
+    d = wide[(wide.method == method) & (wide.agree == 0) & ~wide.dataset.isin(LARGE)]
+    out = ["| dataset | image | auto | oracle | IoU bright | IoU dark |", "|---|---|---|---|---:|---:|"]
+    out += [f"| {r.dataset} | {r.sample_id} | {r.auto_side} | {r.oracle_side} | {r.bright:.3f} | {r.dark:.3f} |"
+            for r in d.itertuples()]
+    return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- alternative polarity rules
+def lowest(wide: pd.DataFrame, method: str = "fov_otsu_hull", k: int = 5) -> str:
+    out = ["| dataset | lowest auto IoUs (image IoU, side) |", "|---|---|"]
+    for ds, d in wide[wide.method == method].groupby("dataset", sort=False):
+        d = d.nsmallest(k, "auto")
+        out.append(f"| {ds} | " + ", ".join(f"{r.sample_id} {r.auto:.2f} {r.auto_side}" for r in d.itertuples()) + " |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- native images: rules and timing
+
+
+def native_gray(source: str, fmt_: str) -> np.ndarray:
+    """Frame 0 as build-masks reads it (the pipeline's readers: grayscale, modality LUT, MONOCHROME1)."""
+    return read(Path(source), fmt_, [0])[0].pixels
 
 
 def _alternative_sides(gray: np.ndarray, t: float) -> dict[str, str]:
@@ -184,97 +205,132 @@ def _alternative_sides(gray: np.ndarray, t: float) -> dict[str, str]:
 
     step = max(1, -(-max(gray.shape) // 256))
     b = gray[::step, ::step] > t
-    d = ~b
     edge = np.concatenate([b[0], b[-1], b[:, 0], b[:, -1]])
     h, w = b.shape
     yy, xx = np.ogrid[:h, :w]
     centre = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2 < 0.25
     return {
-        # the side touching the image border less is foreground
-        "border": "bright" if edge.mean() < 0.5 else "dark",
-        # the side with more area in components not touching the border (clear_border) is foreground
-        "interior": "bright" if clear_border(b).sum() > clear_border(d).sum() else "dark",
-        # the smaller side is foreground
-        "minority": "bright" if b.mean() < 0.5 else "dark",
-        # the side over-represented in the central disc is foreground
-        "centre": "bright" if b[centre].mean() > b.mean() else "dark",
+        "border": "bright" if edge.mean() < 0.5 else "dark",  # the side touching the image border less
+        "interior": "bright" if clear_border(b).sum() > clear_border(~b).sum() else "dark",  # more area off the border
+        "minority": "bright" if b.mean() < 0.5 else "dark",  # the smaller side
+        "centre": "bright" if b[centre].mean() > b.mean() else "dark",  # over-represented in the central disc
     }
 
 
-def compare_rules(datasets, root: Path = DATA) -> str:
-    """auto = oracle agreement (plain Otsu) of simple rules and of choose_polarity, per dataset."""
-    names = ("border", "interior", "minority", "centre", "choose_polarity")
-    lines = ["| dataset | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+RULES = ("border", "interior", "minority", "centre", "auto")
+
+
+def compare_rules(scores: pd.DataFrame, wide: pd.DataFrame, datasets) -> list[dict]:
+    """auto = oracle agreement (plain otsu arms) of simple rules and of the auto rule, per dataset. The threshold is
+    the one the otsu store recorded; the oracle side comes from the stored bright/dark masks."""
+    rows = []
     for ds in datasets:
-        hits = dict.fromkeys(names, 0)
-        items = pairs(ds, root)
-        for _, img_path, mask_path in items:
-            gray, gt = to_gray(read_array(img_path)), load_gt(mask_path)
-            t = th.pseudo_mask(gray, polarity="bright").threshold
-            ib, idk = iou(gray > t, gt), iou(gray <= t, gt)
-            sides = _alternative_sides(gray, t) | {"choose_polarity": th.choose_polarity(gray, t)}
-            for n in names:
-                hits[n] += (ib if sides[n] == "bright" else idk) >= max(ib, idk) - 1e-12
-        lines.append(f"| {ds} | {len(items)} | " + " | ".join(f"{hits[n]}/{len(items)}" for n in names) + " |")
-    return "\n".join(lines)
+        w = wide[(wide.dataset == ds) & (wide.method == "otsu")].set_index("sample_id")
+        if "agree" not in w or w.agree.isna().any():
+            continue
+        s = scores[(scores.dataset == ds) & (scores.method == "otsu") & (scores.arm == "bright")]
+        hits = dict.fromkeys(RULES, 0)
+        for r in s.itertuples():
+            sides = _alternative_sides(native_gray(r.source, r.format), r.threshold) | {"auto": w.auto_side[r.sample_id]}
+            best = w.oracle[r.sample_id]
+            for n in RULES:
+                hits[n] += bool(w[sides[n]][r.sample_id] >= best - 1e-12)
+        rows.append({"dataset": ds, "n": len(s), **hits})
+    return rows
 
 
-def timing(root: Path = DATA, repeat: int = 200) -> str:
-    """Median time per 512x512 uint8 image (a real PH2 image resized) on this machine."""
-    from skimage.filters import threshold_otsu
+def rules_table(rows: list[dict]) -> str:
+    out = ["| dataset | n | " + " | ".join(RULES) + " |", "|---|---:|" + "---:|" * len(RULES)]
+    out += [f"| {r['dataset']} | {r['n']} | " + " | ".join(f"{r[k]}/{r['n']}" for k in RULES) + " |" for r in rows]
+    return "\n".join(out)
 
-    img = read_array(pairs("ph2_dermoscopy", root)[0][1])
-    gray = np.asarray(Image.fromarray(to_gray(img).round().astype(np.uint8)).resize((512, 512)))
-    t = threshold_otsu(gray)
 
-    def med(f) -> float:
-        f()
-        ts = []
+def timing(scores: pd.DataFrame, methods, repeat: int) -> dict:
+    """Per-image thresholding cost of each method on the same native images, interleaved; ratios to otsu."""
+    picks = (scores[(scores.method == methods[0]) & (scores.arm == "auto") & scores.dataset.isin(TIMING_DATASETS)]
+             .sort_values("sample_id").groupby("dataset", sort=False).head(TIMING_PER_DATASET))
+    per = {m: [] for m in methods}
+    pixels = []
+    for r in picks.itertuples():
+        gray = native_gray(r.source, r.format)
+        pixels.append(gray.size)
+        ts = {m: [] for m in methods}
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts)) * 1e3
+            for m in methods:
+                t0 = time.perf_counter()
+                th.pseudo_mask(gray, method=m, polarity="auto")
+                ts[m].append(time.perf_counter() - t0)
+        for m in methods:
+            per[m].append(float(np.median(ts[m])))
+    total = {m: float(np.sum(v)) for m, v in per.items()}
+    base = total.get("otsu") or next(iter(total.values()))
+    return {"images": len(pixels), "datasets": sorted(set(picks.dataset)), "median_pixels": int(np.median(pixels)),
+            "repeat": repeat, "ms_per_image": {m: round(1e3 * total[m] / len(pixels), 2) for m in methods},
+            "ratio_to_otsu": {m: round(total[m] / base, 2) for m in methods}}
 
-    cases = [
-        ("skimage threshold_otsu", lambda: threshold_otsu(gray)),
-        ("choose_polarity (rule only)", lambda: th.choose_polarity(gray, t)),
-        ("pseudo_mask otsu, polarity=bright", lambda: th.pseudo_mask(gray, polarity="bright")),
-        ("pseudo_mask otsu, polarity=auto", lambda: th.pseudo_mask(gray, polarity="auto")),
-    ]
-    cases += [(f"pseudo_mask {m}, polarity=auto", (lambda m=m: th.pseudo_mask(gray, method=m)))
-              for m in th.METHODS if m != "otsu"]
-    lines = ["| what (512x512 uint8) | median ms |", "|---|---:|"]
-    lines += [f"| {name} | {med(f):.2f} |" for name, f in cases]
-    return "\n".join(lines)
+
+def build_cost(builds: list[dict]) -> dict:
+    """Task CPU seconds of the auto builds, summed over the datasets built with every method; ratio to the otsu
+    builds (decode + threshold + resize + write: what build-masks costs as a whole)."""
+    auto = pd.DataFrame([b for b in builds if b["polarity"] == "auto"])
+    n_methods = auto.method.nunique()
+    full = auto.groupby("dataset").method.nunique().loc[lambda n: n == n_methods].index
+    tot = auto[auto.dataset.isin(full)].groupby("method", sort=False).task_cpu_seconds.sum()
+    return {m: {"cpu_seconds": round(float(v), 1), "ratio_to_otsu": round(float(v / tot.get("otsu", v)), 2)}
+            for m, v in tot.items()}
+
+
+def timing_table(t: dict, cost: dict) -> str:
+    out = [f"{t['images']} images ({', '.join(t['datasets'])}; median {t['median_pixels'] / 1e6:.2f} Mpx), "
+           f"median of {t['repeat']} runs each, polarity=auto. Whole build: the auto builds of the datasets built with "
+           "every method, summed.", "",
+           "| method | thresholding ms/image | x otsu | whole build (task CPU s) | x otsu |",
+           "|---|---:|---:|---:|---:|"]
+    for m, ms in t["ms_per_image"].items():
+        c = cost.get(m, {})
+        out.append(f"| {m} | {ms:.1f} | {t['ratio_to_otsu'][m]:.2f} | {fmt(c.get('cpu_seconds'), 1)} | "
+                   f"{fmt(c.get('ratio_to_otsu'), 2)} |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     ap.add_argument("--methods", nargs="+", default=list(th.METHODS), choices=th.METHODS)
-    ap.add_argument("--root", type=Path, default=DATA, help="folder holding the datasets (default ../shared/data)")
-    ap.add_argument("--out", type=Path, help="also write the markdown to this file")
-    ap.add_argument("--timing", action="store_true", help="add a timing table (512x512 uint8)")
-    ap.add_argument("--rules", action="store_true", help="add a table comparing simpler polarity rules")
+    ap.add_argument("--scratch", type=Path, help="folder for the scratch stores (default: a temporary folder)")
+    ap.add_argument("--repeat", type=int, default=3, help="timing runs per image and method")
+    ap.add_argument("--out", type=Path, help="write OUT.md (the tables) and OUT.json (the figures)")
     args = ap.parse_args(argv)
-
-    rows = run(args.datasets, args.methods, args.root)
-    parts = ["## Mean per-image IoU vs expert masks, and auto-polarity agreement", "",
-             summary_table(rows, args.methods), "",
-             "## Images where auto and oracle sides differ (method otsu)", "",
-             disagreements(rows, "otsu" if "otsu" in args.methods else args.methods[0]), ""]
-    if args.rules:
-        parts += ["## Simpler polarity rules vs choose_polarity (plain Otsu, auto = oracle side)", "",
-                  compare_rules(args.datasets, args.root), ""]
-    if args.timing:
-        parts += ["## Timing", "", timing(args.root), ""]
-    text = "\n".join(parts)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pmq-", dir=args.scratch) as tmp:
+        scores, builds = run(args.datasets, args.methods, Path(tmp))
+        wide = per_image(scores)
+        rows = summary_rows(wide, args.datasets, args.methods)
+        rules = compare_rules(scores, wide, args.datasets) if "otsu" in args.methods else []
+        t = timing(scores, args.methods, args.repeat)
+        dicom = unlabeled_sides("dicom", [m for m in LARGE_METHODS if m in args.methods], Path(tmp))
+    cost = build_cost(builds)
+    sizes = scores.groupby("dataset", sort=False)["size"].first().to_dict()
+    cmd = "python benchmarks/pseudo_mask_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        f"<!-- generated by: {cmd} ({time.perf_counter() - t0:.0f} s) -->", "",
+        "Store sizes: " + ", ".join(f"{d} {s}x{s}" for d, s in sizes.items()) + ".", "",
+        "## Mean per-image IoU of the stored pseudo-masks vs the stored expert masks", "", summary_table(rows), "",
+        "## Images where auto and oracle sides differ (method otsu)", "", disagreements(wide), "",
+        "## Lowest fov_otsu_hull IoUs, polarity auto", "", lowest(wide), "",
+        "## Simpler polarity rules vs the auto rule (plain otsu, rule = oracle side)", "", rules_table(rules), "",
+        "## Images without expert masks: the side auto takes (dicom, frame 0)", "", dicom, "",
+        "## Timing", "", timing_table(t, cost), ""])
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"<!-- generated by: python benchmarks/pseudo_mask_quality.py "
-                            f"{' '.join(argv if argv is not None else sys.argv[1:])} -->\n\n{text}")
+        args.out.with_suffix(".md").write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"command": cmd, "seconds": round(time.perf_counter() - t0), "store_size": sizes, "summary": rows,
+             "rules": rules, "timing": t, "build_cost": cost, "builds": builds}, indent=1) + "\n")
     return 0
 
 
