@@ -31,7 +31,7 @@ def fg_flags(fg: float) -> tuple[str, ...]:
 
 # Store-level QC, written only by --polarity store (manifests of auto/bright/dark stores are unchanged; see
 # docs/pseudo_masks.md "Store-level polarity and implausible coverage" for the measurements behind the numbers).
-# FG_IMPLAUSIBLE: 1 of 2,269 real labels of ../shared/data lies above 90% (a PH2 lesion filling the frame, 98%), and
+# FG_IMPLAUSIBLE: 1 of 2,229 real labels of ../shared/data lies above 90% (a PH2 lesion filling the frame, 98%), and
 # 13 of the 16 default-method pseudo-masks above it have IoU < 0.3 with their label (mean 0.18): degenerate.
 FG_IMPLAUSIBLE = 0.90  # flag "fg_implausible" above this foreground fraction
 FG_IMPLAUSIBLE_FLAG = "fg_implausible"
