@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsass.trainer.config import FinetuneConfig
 from medsass.trainer.study.spec import PSEUDO_ARMS, Study, budget_count, parse_budget
 
 from medsass import configio
@@ -218,8 +219,6 @@ def _strategy_job(study, train, d: StudyData, seed, n, names, strategy, source: 
 
 
 def _get_steps(train: dict[str, Any]) -> int:
-    from medsass.trainer.config import FinetuneConfig
-
     return int(train.get("finetune", {}).get("steps", FinetuneConfig().steps))
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medsass.trainer.config import load_config, merge, read_config_data
+
 from medsass import configio
 from medsass.errors import ConfigError
 
@@ -191,8 +193,6 @@ def budget_count(text: str, n_available: int) -> int:
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict[str, Any]]:
     """The study and its merged trainer config data (``train.base`` resolved); paths made absolute."""
-    from medsass.trainer.config import merge, read_config_data
-
     path = Path(path).resolve()
     study = configio.load(Study, configio.read_yaml(path), list(overrides))
     base = path.parent
@@ -212,8 +212,6 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict
         train = merge(read_config_data(local if local.exists() else parent), train)
     for key in ("out_dir", "stores", "seed", "stages"):
         train.pop(key, None)  # set per run
-    from medsass.trainer.config import load_config
-
     try:  # the schedule must be a valid trainer config on its own
         load_config({**train, "out_dir": "x", "stores": {"main": "x"}})
     except ConfigError as exc:
