@@ -45,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsass.trainer.study.spec import budget_count, parse_budget  # noqa: F401 (the one definition; tests use le.*)
+from medsass.trainer.study.stores import build_store, check_same_records, labeled_train_count
+
 from medsass import configio
 from medsass.errors import ConfigError, MedsassError
 
@@ -115,28 +118,6 @@ class Study:
             raise ValueError(f"dataset names must be unique: {names}")
 
 
-def parse_budget(text: str) -> tuple[str, float]:
-    """``"5"`` -> ("count", 5); ``"10%"`` -> ("fraction", 0.1)."""
-    t = str(text).strip()
-    try:
-        if t.endswith("%"):
-            f = float(t[:-1]) / 100
-            if 0 < f <= 1:
-                return "fraction", f
-        elif int(t) >= 1:
-            return "count", int(t)
-    except ValueError:
-        pass
-    raise ValueError(f"budget {text!r}: use a label count (e.g. 5) or a percentage of the labeled train split (e.g. 10%)")
-
-
-def budget_count(text: str, n_available: int) -> int:
-    """Labeled images a budget uses, as the trainer counts them (``max(1, round(f * n))``), capped at ``n_available``."""
-    kind, value = parse_budget(text)
-    n = max(1, int(round(value * n_available))) if kind == "fraction" else int(value)
-    return min(n, n_available)
-
-
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict[str, Any]]:
     """The study and its merged trainer config data (``train.base`` resolved); paths made absolute."""
     from medsass.trainer.config import merge, read_config_data
@@ -174,54 +155,6 @@ def prepare_stores(study: Study, spec: DatasetSpec, log=print) -> dict[str, str]
     stores = {m: build_store(study, spec, m, log) for m in spec.methods}
     check_same_records(stores)
     return stores
-
-
-def build_store(study: Study, spec: DatasetSpec, method: str, log=print) -> str:
-    from medsass.pipeline.build import build
-    from medsass.pipeline.config import load_dataset_file
-
-    from medsass.manifest import manifest_digest, read_json, write_json
-
-    p = study.prep
-    out = Path(study.out_dir) / "stores" / f"{spec.name}__{method}__{p.size}.zarr"
-    marker = out.with_suffix(".built.json")
-    overrides = [f"geometry.size={p.size}", f"threshold.method={method}", f"runtime.salt={p.salt}",
-                 f"runtime.workers={p.workers}", "runtime.progress=false", f"out={out}", *p.overrides]
-    cfg = load_dataset_file(spec.dataset, overrides)
-    if marker.exists() and out.exists():
-        done = read_json(marker)
-        if done.get("params_digest") == cfg.params_digest() and done.get("manifest_digest") == manifest_digest(out):
-            return str(out)
-    t0 = time.time()
-    result = build(cfg)
-    if result.counts.get("ok", 0) == 0:
-        raise MedsassError(f"prep of {spec.name} ({method}) stored no records: {result.counts} {result.failures}")
-    write_json({"params_digest": cfg.params_digest(), "manifest_digest": manifest_digest(out), "counts": result.counts,
-                "seconds": round(time.time() - t0, 1)}, marker)
-    log(f"prep {spec.name} {method}: {result.counts} in {time.time() - t0:.0f} s -> {out}")
-    return str(out)
-
-
-def check_same_records(stores: dict[str, str]) -> None:
-    """Every store of a dataset must hold the same records in the same rows and splits (so the same test set)."""
-    from medsass.manifest import read_manifest
-
-    cols = ["sample_id", "row", "split", "has_label", "status"]
-    frames = {m: read_manifest(p)[cols].sort_values(["row", "sample_id"]).reset_index(drop=True) for m, p in stores.items()}
-    first, ref = next(iter(frames.items()))
-    for m, df in frames.items():
-        if not df.equals(ref):
-            raise MedsassError(f"stores of methods {first!r} and {m!r} differ in rows/splits ({stores[first]} vs {stores[m]}); "
-                               "build both with the same runtime.salt and split settings")
-    test = ref[(ref.split == "test") & ref.has_label & (ref.status == "ok")]
-    if test.empty:
-        raise MedsassError(f"no labeled test records in {stores[first]}: nothing to evaluate on")
-
-
-def labeled_train_count(store: str) -> int:
-    from medsass.trainer.data import select_rows
-
-    return len(select_rows(store, splits=["train"], target="label", exclude_degenerate=False, require_label=True))
 
 
 # ----------------------------------------------------------------------------- jobs
