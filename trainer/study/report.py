@@ -95,11 +95,14 @@ def fmt(e: Estimate | None, signed: bool = False) -> str:
     return f"{e.mean:+.3f}{sd}" if signed else f"{e.mean:.3f}{sd} ({e.n_seeds})"
 
 
+MIN_SEEDS_BOLD = 3  # with fewer seeds the interval leaves out training randomness: shown, never bold
+
+
 def fmt_diff(e: Estimate | None) -> str:
     if e is None:
         return "—"
-    text = f"{e.mean:+.3f} [{e.lo:+.3f}, {e.hi:+.3f}]"
-    return f"**{text}**" if e.excludes_zero else text
+    text = f"{e.mean:+.3f} [{e.lo:+.3f}, {e.hi:+.3f}]" + ("" if e.n_seeds >= MIN_SEEDS_BOLD else f" ({e.n_seeds})")
+    return f"**{text}**" if e.excludes_zero and e.n_seeds >= MIN_SEEDS_BOLD else text
 
 
 def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
@@ -125,7 +128,8 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
     pairs = [p for p in pairs if any(idx.counts.get(key(p[0][0], p[0][1], n)) for n in budgets)]
     if pairs:
         lines += ["", "Paired differences (seed-mean micro IoU, 95% bootstrap interval over test images and seeds; "
-                  "**bold**: the interval excludes 0):", "",
+                  f"**bold**: the interval excludes 0 with >= {MIN_SEEDS_BOLD} seeds; (k): only k seeds, so the interval "
+                  "covers test-image sampling but not training randomness, and is never bold):", "",
                   "| labels | " + " | ".join(f"{arm_label(*a, main)} − {arm_label(*b, main)}" for a, b in pairs) + " |",
                   "|---:|" + "---:|" * len(pairs)]
         for n, names in sorted(budgets.items()):

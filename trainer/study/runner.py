@@ -63,6 +63,7 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
         return StudyOutcome(chosen, 0, {})
     ran, failed = 0, {}
     if not report_only:
+        _history(study, overrides, None, {}, 0.0)  # a killed session still leaves the command it ran
         t0 = time.time()
         ran, failed = execute(chosen, study.results_dir, ssl_spec=study.ssl, n_parallel=study.jobs,
                               keep_final=study.keep_final, log=log)
@@ -71,7 +72,7 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
     return StudyOutcome(chosen, ran, failed)
 
 
-def _history(study: Study, overrides: Sequence[str], ran: int, failed: dict[str, str], seconds: float) -> None:
+def _history(study: Study, overrides: Sequence[str], ran: int | None, failed: dict[str, str], seconds: float) -> None:
     """One line per invocation in ``<results_dir>/history.jsonl`` (the commands that made the ledger)."""
     import json
     from pathlib import Path
@@ -79,7 +80,9 @@ def _history(study: Study, overrides: Sequence[str], ran: int, failed: dict[str,
     path = Path(study.results_dir) / "history.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": shlex.join(["medsass-train", *sys.argv[1:]]),
-             "overrides": list(overrides), "ran": ran, "failed": len(failed), "seconds": round(seconds, 1)}
+             "overrides": list(overrides), "status": "started" if ran is None else "finished"}
+    if ran is not None:
+        entry.update(ran=ran, failed=len(failed), seconds=round(seconds, 1))
     with path.open("a") as fh:
         fh.write(json.dumps(entry) + "\n")
     if failed:
