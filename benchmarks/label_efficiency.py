@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsass.trainer.study.spec import budget_count, parse_budget  # noqa: F401 (the one definition; tests use le.*)
+from medsass.trainer.study.spec import budget_count, parse_budget, train_section  # noqa: F401 (the one definition; tests use le.*)
 from medsass.trainer.study.stores import build_store, check_same_records, labeled_train_count
 
 from medsass import configio
@@ -120,8 +120,6 @@ class Study:
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict[str, Any]]:
     """The study and its merged trainer config data (``train.base`` resolved); paths made absolute."""
-    from medsass.trainer.config import merge, read_config_data
-
     path = Path(path).resolve()
     study = configio.load(Study, configio.read_yaml(path), list(overrides))
     base = path.parent
@@ -132,14 +130,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict
     study.out_dir, study.results_dir, study.pretrain_from = res(study.out_dir), res(study.results_dir), res(study.pretrain_from)
     for d in study.datasets:
         d.dataset, d.store = res(d.dataset), res(d.store)
-    train = dict(study.train)
-    parent = train.pop("base", None)
-    if parent is not None:
-        local = base / str(parent)
-        train = merge(read_config_data(local if local.exists() else parent), train)
-    for key in ("out_dir", "stores", "seed", "stages"):
-        train.pop(key, None)  # set per run
-    return study, train
+    return study, train_section(study.train, base)
 
 
 # ----------------------------------------------------------------------------- prep

@@ -191,6 +191,19 @@ def budget_count(text: str, n_available: int) -> int:
     return max(1, min(n, n_available))
 
 
+def train_section(train: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A study's ``train:`` mapping with its ``base:`` config merged in (a path relative to the study file's folder
+    ``base``, or an example name such as ``cpu_small``), less the keys the runner sets per run."""
+    train = dict(train)
+    parent = train.pop("base", None)
+    if parent is not None:
+        local = base / str(parent)
+        train = merge(read_config_data(local if local.exists() else parent), train)
+    for key in ("out_dir", "stores", "seed", "stages"):
+        train.pop(key, None)  # set per run
+    return train
+
+
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict[str, Any]]:
     """The study and its merged trainer config data (``train.base`` resolved); paths made absolute."""
     path = Path(path).resolve()
@@ -205,13 +218,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict
         d.dataset, d.store = res(d.dataset), res(d.store)
         for s in d.sites:
             s.dataset, s.store = res(s.dataset), res(s.store)
-    train = dict(study.train)
-    parent = train.pop("base", None)
-    if parent is not None:
-        local = base / str(parent)
-        train = merge(read_config_data(local if local.exists() else parent), train)
-    for key in ("out_dir", "stores", "seed", "stages"):
-        train.pop(key, None)  # set per run
+    train = train_section(study.train, base)
     try:  # the schedule must be a valid trainer config on its own
         load_config({**train, "out_dir": "x", "stores": {"main": "x"}})
     except ConfigError as exc:
