@@ -147,10 +147,14 @@ def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bo
 @click.option("--seeds", default="", metavar="LIST", help="Comma-separated seeds (default: the study's).")
 @click.option("--arms", default="", metavar="LIST", help="Only these fine-tune arms (and the pretraining they need).")
 @click.option("--budgets", default="", metavar="LIST", help="Only these label budgets of the study (e.g. 1,5,100%).")
+@click.option("--targets", default="", metavar="LIST", help="Only these pseudo-mask targets (e.g. fov_otsu_hull,otsu,fov_otsu_hull+sites).")
+@click.option("--strategies", default="", metavar="LIST",
+              help="Only fine-tune runs whose labels were picked this way (random = the main comparison; diverse, ...).")
 @click.option("--max-runs", type=click.IntRange(min=1), default=None, help="Stop after this many runs of the grid (in run order).")
 @click.option("--dry-run", is_flag=True, help="List the runs (done / todo) and train nothing.")
 @click.option("--report-only", is_flag=True, help="Write the tables and plots from the ledger; train nothing.")
-def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, max_runs: int | None,
+def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, targets: str,
+              strategies: str, max_runs: int | None,
               dry_run: bool, report_only: bool) -> None:
     """Run a label-efficiency study (STUDY: a study YAML, e.g. benchmarks/studies/scale_cpu.yaml); resumable.
 
@@ -165,7 +169,8 @@ def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds:
         from medsass.trainer.study.runner import run_study
 
         outcome = run_study(study_file, overrides, datasets=split(datasets), seeds=[int(s) for s in split(seeds)] or None,
-                            arms=split(arms), budgets=split(budgets), max_runs=max_runs, dry_run=dry_run, report_only=report_only,
+                            arms=split(arms), budgets=split(budgets), targets=split(targets),
+                            strategies=split(strategies), max_runs=max_runs, dry_run=dry_run, report_only=report_only,
                             log=lambda m: click.echo(m, err=True))
     except (MedsassError, ValueError) as exc:
         raise _fail(exc) from None

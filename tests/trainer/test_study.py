@@ -143,6 +143,16 @@ def test_study_dry_run_and_bad_file(tmp_path):
     assert res.exit_code == 0, res.output
     todo = [line for line in res.output.splitlines() if line.startswith("todo")]
     assert todo and all("scratch" in line for line in todo)
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run", "--arms", "end_to_end", "--targets", "store",
+                                    "--strategies", "random"])
+    todo = [line for line in res.output.splitlines() if line.startswith("todo")]
+    # the random-subset end-to-end runs on the main target and the pretraining they need; no picks, no pooled target
+    assert todo and not any("picked by" in line or "store+sites" in line for line in todo), res.output
+    assert any("pretrain" in line for line in todo) and any("end_to_end" in line for line in todo)
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run", "--strategies", "diverse"])
+    todo = [line for line in res.output.splitlines() if line.startswith("todo")]
+    finetunes = [line for line in todo if " n=" in line]
+    assert finetunes and all("picked by diverse" in line for line in finetunes), res.output
     data = yaml.safe_load(path.read_text())
     data["arms"] = ["scratch", "simclr"]
     path.write_text(yaml.safe_dump(data))

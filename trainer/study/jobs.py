@@ -246,10 +246,20 @@ def _budget_order(b: str) -> tuple[int, float]:
     return (0 if kind == "count" else 1, v)
 
 
-def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=None, max_runs: int | None = None) -> list[Job]:
-    """A subset of the grid (with the pretrain jobs the chosen fine-tune jobs need)."""
+def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=None, targets=None, strategies=None,
+           max_runs: int | None = None) -> list[Job]:
+    """A subset of the grid (with the pretrain jobs the chosen fine-tune jobs need).
+
+    ``targets`` keeps runs on those pseudo-mask targets (e.g. ``fov_otsu_hull``, ``otsu``, ``fov_otsu_hull+sites``);
+    ``strategies`` keeps fine-tune runs whose labeled images were picked that way (``random``: the budget's random
+    subset, i.e. the main comparison).
+    """
+    def chosen_finetune(j: Job) -> bool:
+        return ((not arms or j.arm in arms) and (not budgets or bool(set(j.budgets) & set(budgets)))
+                and (not targets or j.target in targets) and (not strategies or (j.strategy or "random") in strategies))
+
     keep = [j for j in jobs if (not datasets or j.dataset in datasets) and (seeds is None or j.seed in seeds)
-            and (j.kind != "finetune" or ((not arms or j.arm in arms) and (not budgets or set(j.budgets) & set(budgets))))]
+            and (j.kind != "finetune" or chosen_finetune(j))]
     needed = {j.needs for j in keep if j.kind == "finetune"}
-    keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not (arms or budgets)]
+    keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not (arms or budgets or targets or strategies)]
     return keep[:max_runs] if max_runs else keep
