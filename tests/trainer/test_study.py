@@ -159,6 +159,11 @@ def test_study_dry_run_and_bad_file(tmp_path):
     res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])
     assert res.exit_code == 2 and "unknown arm" in res.output
     data["arms"] = ["scratch"]
+    data["datasets"][0].update(store=None, dataset="data.yaml", targets=["fov_otsu_hull@sideways"])
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "METHOD@POLARITY" in res.output, res.output
+    data["datasets"][0].update(store=str(tmp_path / "main.zarr"), dataset=None, targets=["store"])
     data["trian"] = {}
     path.write_text(yaml.safe_dump(data))
     res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])

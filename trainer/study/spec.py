@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medsass.pipeline.methods import METHODS
 from medsass.trainer.config import load_config, merge, read_config_data
 
 from medsass import configio
@@ -54,7 +55,8 @@ class SiteSpec(StoreSpec):
 @dataclass
 class DatasetSpec(StoreSpec):
     # threshold methods pretrained on; the first is the main target (the default recipe), the others are compared on
-    # ``other_targets.arms`` / ``other_targets.budgets`` only
+    # ``other_targets.arms`` / ``other_targets.budgets`` only. ``METHOD@POLARITY`` (e.g. ``fov_otsu_hull@store``) builds
+    # that method with ``threshold.polarity=POLARITY`` (auto: per image; store: the store's majority; bright; dark)
     targets: list[str] = field(default_factory=lambda: ["fov_otsu_hull"])
     sites: list[SiteSpec] = field(default_factory=list)
     # also pretrain on the main target's pseudo-masks of the main pool plus the sites' train + val records (unlabeled,
@@ -69,6 +71,21 @@ class DatasetSpec(StoreSpec):
             raise ValueError(f"dataset {self.name!r}: targets must name at least one threshold method")
         if self.store is not None and self.targets != ["store"]:
             raise ValueError(f"dataset {self.name!r} is an existing store: its pseudo-masks are fixed; set targets: [store]")
+        if self.store is None:
+            for t in self.targets:
+                method, polarity = split_target(t)
+                if method not in METHODS or (polarity is not None and polarity not in POLARITIES):
+                    raise ValueError(f"dataset {self.name!r}: target {t!r} is not METHOD or METHOD@POLARITY with METHOD one "
+                                     f"of {', '.join(METHODS)} and POLARITY one of {', '.join(POLARITIES)}")
+
+
+POLARITIES = ("auto", "store", "bright", "dark")
+
+
+def split_target(target: str) -> tuple[str, str | None]:
+    """``fov_otsu_hull@store`` -> (``fov_otsu_hull``, ``store``); ``otsu`` -> (``otsu``, None: the prep settings' polarity)."""
+    method, sep, polarity = target.partition("@")
+    return method, (polarity if sep else None)
 
 
 @dataclass

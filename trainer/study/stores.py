@@ -12,7 +12,7 @@ from pathlib import Path
 from medsass.pipeline.build import build
 from medsass.pipeline.config import load_dataset_file
 from medsass.trainer.data import select_rows
-from medsass.trainer.study.spec import DatasetSpec, StoreSpec, Study
+from medsass.trainer.study.spec import DatasetSpec, StoreSpec, Study, split_target
 
 from medsass.errors import MedsassError
 from medsass.manifest import manifest_digest, read_json, read_manifest, write_json
@@ -32,12 +32,16 @@ def site_store(study: Study, site: StoreSpec, method: str, log=print) -> str:
     return site.store if site.store is not None else build_store(study, site, method, log)
 
 
-def build_store(study: Study, spec: StoreSpec, method: str, log=print) -> str:
+def build_store(study: Study, spec: StoreSpec, target: str, log=print) -> str:
+    """The store of one target (``METHOD`` or ``METHOD@POLARITY``) built from a dataset file, reused once built."""
     p = study.prep
-    out = Path(study.out_dir) / "stores" / f"{spec.name}__{method}__{p.size}.zarr"
+    out = Path(study.out_dir) / "stores" / f"{spec.name}__{target}__{p.size}.zarr"
     marker = out.with_suffix(".built.json")
+    method, polarity = split_target(target)
     overrides = [f"geometry.size={p.size}", f"threshold.method={method}", f"runtime.salt={p.salt}",
                  f"runtime.workers={p.workers}", "runtime.progress=false", f"out={out}", *p.overrides]
+    if polarity is not None:
+        overrides.append(f"threshold.polarity={polarity}")
     cfg = load_dataset_file(spec.dataset, overrides)
     if marker.exists() and out.exists():
         done = read_json(marker)
@@ -46,11 +50,11 @@ def build_store(study: Study, spec: StoreSpec, method: str, log=print) -> str:
     t0 = time.time()
     result = build(cfg)
     if result.counts.get("ok", 0) == 0:
-        raise MedsassError(f"prep of {spec.name} ({method}) stored no records: {result.counts} {result.failures}")
+        raise MedsassError(f"prep of {spec.name} ({target}) stored no records: {result.counts} {result.failures}")
     seconds = round(time.time() - t0, 1)
     write_json({"params_digest": cfg.params_digest(), "manifest_digest": manifest_digest(out), "counts": result.counts,
                 "seconds": seconds}, marker)
-    log(f"prep {spec.name} {method}: {result.counts} in {seconds:.0f} s -> {out}")
+    log(f"prep {spec.name} {target}: {result.counts} in {seconds:.0f} s -> {out}")
     return str(out)
 
 
