@@ -88,11 +88,14 @@ def format_report(rep: dict[str, Any], max_list: int = 20) -> str:
         lines.append(f"skipped    {_kv(rep['skipped_by_code'])}")
     if rep["failures_by_code"]:
         lines.append(f"failures   {_kv(rep['failures_by_code'])}")
-        for item in rep["failures"][:max_list]:
-            lines.append(f"  FAILED {item['source']}: {item['reason']}")
-        if len(rep["failures"]) > max_list:
-            lines.append(f"  ... and {len(rep['failures']) - max_list} more (--json lists all)")
+        lines += capped([f"  FAILED {item['source']}: {item['reason']}" for item in rep["failures"]], max_list,
+                        "  ... and {n} more (--json lists all)")
     return "\n".join(lines)
+
+
+def capped(lines: list[str], max_list: int, more: str) -> list[str]:
+    """The first ``max_list`` of ``lines``, then ``more`` (a template with ``{n}``) saying how many were left out."""
+    return lines[:max_list] + ([more.format(n=len(lines) - max_list)] if len(lines) > max_list else [])
 
 
 def _kv(d: dict) -> str:
