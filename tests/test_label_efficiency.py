@@ -3,13 +3,15 @@ its outputs and its resumability; budgets; prep of one store per threshold metho
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from medsass.trainer.study.spec import budget_count, parse_budget
+from medsass.trainer.study.stores import check_same_records
 
 from medsass.errors import MedsassError
 from medsass.testing import make_synthetic_store, write_blob_pngs
@@ -21,20 +23,23 @@ TINY = "tu-mobilenetv3_small_100"
 
 @pytest.fixture(scope="module")
 def le():
-    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "benchmarks" / "label_efficiency.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["label_efficiency"] = mod  # dataclass type hints resolve through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    """The study's modules, imported as ``python benchmarks/label_efficiency.py`` imports them (benchmarks/ is a folder
+    of scripts, not a package: its folder goes first on the path)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT / "benchmarks"))
+        names = ("label_efficiency", "label_efficiency_grid", "label_efficiency_runs", "label_efficiency_report")
+        cli, grid, _, report = (importlib.import_module(n) for n in names)
+    return SimpleNamespace(main=cli.main, ARMS=grid.ARMS, load_study=grid.load_study, prepare_stores=grid.prepare_stores,
+                           CSV_COLUMNS=report.CSV_COLUMNS, write_csv=report.write_csv, compare=report.compare)
 
 
-def test_budgets(le):
-    assert [le.budget_count(b, 28) for b in ["1", "2", "5", "10%", "100%"]] == [1, 2, 5, 3, 28]
-    assert [le.budget_count(b, 9) for b in ["1", "2", "5", "10%", "100%"]] == [1, 2, 5, 1, 9]
-    assert [le.budget_count(b, 2) for b in ["1", "2", "5", "10%", "100%"]] == [1, 2, 2, 1, 2]  # capped: dedupe
+def test_budgets():
+    assert [budget_count(b, 28) for b in ["1", "2", "5", "10%", "100%"]] == [1, 2, 5, 3, 28]
+    assert [budget_count(b, 9) for b in ["1", "2", "5", "10%", "100%"]] == [1, 2, 5, 1, 9]
+    assert [budget_count(b, 2) for b in ["1", "2", "5", "10%", "100%"]] == [1, 2, 2, 1, 2]  # capped: dedupe
     for bad in ["0", "abc", "0%", "150%"]:
         with pytest.raises(ValueError):
-            le.parse_budget(bad)
+            parse_budget(bad)
 
 
 def _study(tmp_path, datasets, **extra):
@@ -111,12 +116,12 @@ def test_prep_one_store_per_method_same_split(le, tmp_path):
     assert le.prepare_stores(study, study.datasets[0], log=lambda m: None) == stores  # built once
 
 
-def test_stores_with_other_splits_are_refused(le, tmp_path):
+def test_stores_with_other_splits_are_refused(tmp_path):
     a = make_synthetic_store(tmp_path / "a.zarr", n=12, size=32)
     b = make_synthetic_store(tmp_path / "b.zarr", n=12, size=32, splits=(0.5, 0.25, 0.25))
-    le.check_same_records({"otsu": str(a), "otsu_again": str(a)})
+    check_same_records({"otsu": str(a), "otsu_again": str(a)})
     with pytest.raises(MedsassError, match="differ in rows/splits"):
-        le.check_same_records({"otsu": str(a), "li": str(b)})
+        check_same_records({"otsu": str(a), "li": str(b)})
 
 
 def test_compare_pairs_rows_by_dataset_labels_and_seed(le, tmp_path):
