@@ -26,15 +26,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # example configs, shi
 @dataclass
 class ModelConfig:
     encoder: str = "resnet50"  # any smp encoder, or tu-<timm model>; mit_b0 / tu-swin_tiny_patch4_window7_224 for the ViT row
-    encoder_weights: str | None = None  # must stay null: medsass never downloads weights
+    # initial encoder weights of the first stage (pretrain, or finetune.init=scratch); null = random. An smp weight name
+    # (imagenet, ...: smp/timm download it into their cache, the only download medsass makes) or a local state-dict
+    # file (.pt/.pth/.safetensors, read weights_only). Never re-loaded on resume, never needed by evaluate / predict
+    encoder_weights: str | None = None
     decoder_attention_type: Literal["scse"] | None = "scse"  # the authors' U-Net uses scSE attention
 
     def __post_init__(self) -> None:
-        if self.encoder_weights is not None:
-            raise ValueError(
-                f"model.encoder_weights={self.encoder_weights!r}: medsass never downloads weights; "
-                "leave it null (the encoder is pretrained by the pretrain stage instead)"
-            )
+        if self.encoder_weights is not None and not self.encoder_weights.strip():
+            raise ValueError("model.encoder_weights is empty: give an smp weight name (imagenet), a state-dict file, or null")
 
 
 @dataclass

@@ -236,7 +236,8 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     """Run (or resume) the pretrain or finetune stage ``plan`` describes; returns its summary."""
     stage, scfg, rt = plan.stage, getattr(config, plan.stage), config.runtime
     ck.seed_everything(config.seed)
-    model = build_model(config.model)
+    # model.encoder_weights initialise only a stage that starts from nothing, and never under a resume
+    model = build_model(config.model, init_weights=plan.resume is None and plan.init == "scratch")
     if plan.resume is None and plan.init in ("end_to_end", "encoder_only"):
         load_weights(model, ck.load(plan.source)["model"], parts="all" if plan.init == "end_to_end" else "encoder")
     model.to(dist.device)

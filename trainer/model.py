@@ -1,13 +1,17 @@
 """The U-Net: smp.Unet with a named encoder, one gray input channel, one output logit.
 
 smp (≈3 s to import) is imported inside the functions, so the CLI's ``--help`` stays fast.
-Weights are never downloaded: ``encoder_weights`` is always ``None``.
+smp builds every U-Net with ``encoder_weights=None``: nothing is downloaded unless the config's
+``model.encoder_weights`` names weights, and those are loaded (``medsass.trainer.weights``) only
+into a stage that starts from nothing (``build_model(..., init_weights=True)``). ``model_args``
+never names them, so evaluate and predict rebuild a checkpoint's model without any download.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from medsass.trainer import weights
 from medsass.trainer.config import ModelConfig
 
 from medsass.errors import ConfigError
@@ -50,11 +54,24 @@ def check_encoder(name: str) -> None:
         )
 
 
-def build_model(cfg: ModelConfig | dict[str, Any]):
-    """A freshly initialised U-Net (from a ModelConfig or stored ``model_args``)."""
+def build_model(cfg: ModelConfig | dict[str, Any], *, init_weights: bool = False):
+    """A freshly initialised U-Net (from a ModelConfig or stored ``model_args``).
+
+    ``init_weights``: also load the ModelConfig's ``encoder_weights`` into the encoder (a stage that starts from
+    nothing). Without it a weight name is only checked against the encoder's (a file is not needed then)."""
+    args = model_args(cfg) if isinstance(cfg, ModelConfig) else dict(cfg)
+    spec = cfg.encoder_weights if isinstance(cfg, ModelConfig) else None
+    model = _unet(args)
+    if spec is not None and init_weights:
+        weights.load_encoder_weights(model, args, spec)
+    elif spec is not None and not weights.is_file(spec):
+        weights.check_weights(args["encoder_name"], spec)
+    return model
+
+
+def _unet(args: dict[str, Any]):
     import segmentation_models_pytorch as smp
 
-    args = model_args(cfg) if isinstance(cfg, ModelConfig) else dict(cfg)
     if args.get("arch", ARCH) != ARCH:
         raise ConfigError(f"model arch {args['arch']!r} is not supported (only {ARCH})")
     check_encoder(args["encoder_name"])

@@ -60,7 +60,7 @@ def test_overrides_apply_with_types():
         ("pretrain.stpes=3", "pretrain.stpes"),
         ("pretrain.steps=many", "pretrain.steps"),
         ("loss.name=focal", "loss.name"),
-        ("model.encoder_weights=imagenet", "never downloads"),
+        ("model.encoder_weights=\"\"", "encoder_weights is empty"),
         ("finetune.label_count=5", "not both"),
         ("finetune.label_fraction=1.5", "label_fraction"),
         ("pretrain.splits=[train,test]", "never test"),
