@@ -202,8 +202,17 @@ def show_config(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--threshold", default=0.5, show_default=True, help="On sigmoid probabilities.")
 @click.option("--probabilities", is_flag=True, help="Also write float32 TIFF probability maps (<name>_prob.tif).")
 @click.option("--store", default=None, metavar="NAME", help="Whose prep parameters to repeat, when the checkpoint's stores differ.")
+@click.option("--format", "output_format", default="png", show_default=True, type=click.Choice(["png", "dicom-seg"]),
+              help="png: PNG (multi-page TIFF for multi-frame inputs). dicom-seg: a DICOM SEG per series of DICOM inputs "
+                   "(<first input>_seg.dcm; other inputs stay PNG/TIFF, noted in the CSV).")
+@click.option("--segment-label", default="foreground", show_default=True, help="dicom-seg: the segment's label.")
+@click.option("--segment-type", default="SCT:85756007:Tissue", show_default=True, metavar="SCHEME:VALUE:MEANING",
+              help="dicom-seg: the segment's coded property type, e.g. SCT:10200004:Liver.")
+@click.option("--segment-category", default="SCT:85756007:Tissue", show_default=True, metavar="SCHEME:VALUE:MEANING",
+              help="dicom-seg: the segment's coded property category, e.g. SCT:123037004:Anatomical Structure.")
 def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str, batch_size: int, threshold: float,
-                probabilities: bool, store: str | None) -> None:
+                probabilities: bool, store: str | None, output_format: str, segment_label: str, segment_type: str,
+                segment_category: str) -> None:
     """Masks for raw files/folders INPUTS with CHECKPOINT (a .pt file or a run folder: finetune/final.pt).
 
     Inputs are prepared exactly as the training store was (read from the checkpoint); masks come back
@@ -211,15 +220,20 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str,
     inputs, plus OUT/predictions.csv. Exit 3 when some inputs failed (listed on stderr and in the CSV).
     """
     try:
+        from medsass.trainer import dicom_seg
         from medsass.trainer.predict import CSV_NAME, predict
 
+        segment = dicom_seg.SegmentSpec(segment_label, dicom_seg.parse_code(segment_category, option="--segment-category"),
+                                        dicom_seg.parse_code(segment_type, option="--segment-type"))
         rows = predict(checkpoint, inputs, out, device=device, batch_size=batch_size, threshold=threshold,
-                       probabilities=probabilities, store=store)
+                       probabilities=probabilities, store=store, output_format=output_format, segment=segment)
     except MedsassError as exc:
         raise _fail(exc) from None
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     click.echo(f"{len(rows)} input(s): {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped; "
                f"see {os.path.join(out, CSV_NAME)}", err=True)
+    if output_format == "dicom-seg":
+        click.echo(dicom_seg.summary(rows), err=True)
     bad = [r for r in rows if r["status"] != "ok"]
     for r in bad[:20]:
         click.echo(f"  {r['status'].upper()} {r['source']}: {r['reason']} [{r['reason_code']}]", err=True)

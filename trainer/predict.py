@@ -9,6 +9,7 @@ averaged), thresholded, and written per input under ``OUT`` at the input's relat
     OUT/<rel>_mask.png       {0, 255} mask of a single-frame input
     OUT/<rel>_mask.tif       multi-page mask of a multi-frame DICOM / multi-page TIFF (one page per frame)
     OUT/<rel>_prob.tif       float32 probabilities (with ``probabilities=True``)
+    OUT/<rel>_seg.dcm        with ``output_format="dicom-seg"``: a DICOM SEG per series of DICOM inputs (trainer/dicom_seg.py)
     OUT/predictions.csv      source, status, reason, frames, height, width, fg_fraction, mean_probability, outputs
 
 ``<rel>`` is the input's path relative to the common parent of the inputs, without its image
@@ -36,6 +37,7 @@ from medsass.pipeline.intensity import to_uint8
 from medsass.pipeline.plan import common_parent
 from medsass.pipeline.readers import probe, read
 from medsass.trainer import checkpoint as ck
+from medsass.trainer import dicom_seg
 from medsass.trainer.distributed import pick_device
 from medsass.trainer.model import build_model
 from PIL import Image
@@ -47,6 +49,7 @@ from medsass.manifest import atomic_write_bytes
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("source", "status", "reason_code", "reason", "frames", "height", "width", "fg_fraction", "mean_probability",
                "mask", "probabilities")
+OUTPUT_FORMATS = ("png", "dicom-seg")  # png: PNG, multi-page TIFF for multi-frame inputs
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".gif", ".bmp"}
 
 
@@ -159,8 +162,11 @@ def frame_canvases(pixels: np.ndarray, orig_dtype: str, prep: PrepParams) -> tup
 def predict_files(
     model: torch.nn.Module, prep: PrepParams, inputs: Sequence[str | Path], out: str | Path, *,
     device: torch.device | str = "cpu", batch_size: int = 16, threshold: float = 0.5, probabilities: bool = False,
+    output_format: str = "png", segment: dicom_seg.SegmentSpec | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every input with ``model`` (logits out); write masks and the CSV; return the CSV rows."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     out, device = Path(out), torch.device(device)
     model = model.to(device).eval()
     files, rows = find_inputs(inputs, out)
@@ -194,6 +200,8 @@ def predict_files(
                     rows += _run_batch(model, batch, device, out, threshold, probabilities)
                     batch = []
     rows += _run_batch(model, batch, device, out, threshold, probabilities)
+    if output_format == "dicom-seg":
+        dicom_seg.write_dicom_segs(files, rows, out, segment or dicom_seg.SegmentSpec(), threshold=threshold)
     order = {f.shown: k for k, f in enumerate(files)}
     rows.sort(key=lambda r: order.get(r["source"], -1))
     write_csv(out / CSV_NAME, rows)
@@ -202,7 +210,8 @@ def predict_files(
 
 def predict(
     checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path, *, device: str = "auto", batch_size: int = 16,
-    threshold: float = 0.5, probabilities: bool = False, store: str | None = None,
+    threshold: float = 0.5, probabilities: bool = False, store: str | None = None, output_format: str = "png",
+    segment: dicom_seg.SegmentSpec | None = None,
 ) -> list[dict[str, Any]]:
     """Load ``checkpoint`` (a .pt file or a run folder: its finetune/final.pt) and predict ``inputs`` into ``out``."""
     if batch_size < 1 or not 0.0 <= threshold <= 1.0:
@@ -212,7 +221,7 @@ def predict(
     prep = prep_from_checkpoint(state, where=f"checkpoint {path}", store=store)
     dev = pick_device(device, option="--device")
     return predict_files(load_model(state, dev), prep, inputs, out, device=dev, batch_size=batch_size,
-                         threshold=threshold, probabilities=probabilities)
+                         threshold=threshold, probabilities=probabilities, output_format=output_format, segment=segment)
 
 
 @torch.no_grad()
