@@ -29,6 +29,7 @@ from typing import (
 
 import yaml
 
+from medsass.atomic import atomic_write_bytes
 from medsass.errors import ConfigError
 
 T = TypeVar("T")
@@ -224,8 +225,6 @@ def diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
 def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
     text = yaml.safe_dump(to_dict(obj), sort_keys=False)
     if path is not None:
-        from medsass.manifest import atomic_write_bytes
-
         atomic_write_bytes(path, text.encode())
     return text
 

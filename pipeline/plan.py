@@ -25,6 +25,7 @@ from .discover import discover, sniff, unreadable_content
 from .labels import LabelIndex
 from .output import BuildJob
 from .parallel import run_tasks
+from .readers import probe
 from .splits import GroupKeys, assign_splits
 
 PLAN_FILE = "plan.parquet"
@@ -130,8 +131,6 @@ def discover_entries(job: BuildJob, labels: Sequence[LabelIndex]) -> list[PlanEn
 
 def probe_entries(entries: Sequence[PlanEntry], cfg_geometry: dict, salt: str) -> list[PlanEntry]:
     """Read headers of ``entries`` (runs inside a Dask task): fills format facts and status."""
-    from .readers import probe
-
     size, mode, overlap = cfg_geometry["size"], _mode(cfg_geometry), cfg_geometry["tile_overlap"]
     out = []
     for e in entries:

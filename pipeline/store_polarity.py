@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from medsass import manifest
 from medsass.errors import MedsassWarning
 
@@ -30,6 +32,8 @@ from .methods import STORE_POLARITY
 from .output import BuildJob
 from .parallel import run_tasks
 from .plan import PlanEntry
+from .readers import read
+from .threshold import auto_polarity
 
 SAMPLE_MAX = 200  # inputs read for the vote
 VOTE_BATCH = 25  # inputs per Dask task
@@ -67,11 +71,6 @@ def sample_entries(entries: Sequence[PlanEntry], seed: int, n: int = SAMPLE_MAX)
 
 def vote_batch(items: Sequence[tuple[str, str]], method: str, max_pixels: int) -> list[str | None]:
     """The auto side of frame 0 of each ``(path, format)`` (runs in a Dask task); None where it cannot be read."""
-    import numpy as np
-
-    from .readers import read
-    from .threshold import auto_polarity
-
     out: list[str | None] = []
     for path, fmt in items:
         try:

@@ -82,7 +82,7 @@ class MetricsLog:
             kept = [r for r in read_jsonl(path, remedy=remedy) if r.get("step", 0) <= resume_step]
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         if tensorboard:
-            with contextlib.suppress(ImportError):
+            with contextlib.suppress(ImportError):  # lazy: tensorboard is optional (not installed here) and off by default
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1)

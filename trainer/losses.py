@@ -81,6 +81,7 @@ def build_loss(cfg: LossConfig) -> LossFn:
     """``loss(logits, target)``; ``target`` in [0, 1]: {0, 1} masks, or soft pseudo-labels used as ``cfg.soft_labels`` says."""
     dice = None
     if cfg.name in ("dice", "bce_dice"):
+        # lazy, as model.py's smp: ~3.7 s to import (python -X importtime), and only the Dice losses need it
         from segmentation_models_pytorch.losses import DiceLoss
 
         dice = DiceLoss("binary", from_logits=True)

@@ -18,7 +18,7 @@ STYLE = {"scratch": ("tab:gray", "o"), "end_to_end": ("tab:red", "s"), "encoder_
 
 
 def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], path: Path) -> bool:
-    import matplotlib
+    import matplotlib  # lazy: pyplot takes ~0.7 s to import, and its backend is chosen here, when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

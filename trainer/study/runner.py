@@ -1,11 +1,13 @@
 """One study file end to end: stores -> grid -> jobs not yet in the ledger -> report."""
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import execute
@@ -76,9 +78,6 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
 
 def _history(study: Study, overrides: Sequence[str], ran: int | None, failed: dict[str, str], seconds: float) -> None:
     """One line per invocation in ``<results_dir>/history.jsonl`` (the commands that made the ledger)."""
-    import json
-    from pathlib import Path
-
     path = Path(study.results_dir) / "history.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": shlex.join(["medsass-train", *sys.argv[1:]]),

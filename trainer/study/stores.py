@@ -6,6 +6,7 @@ records the build parameters and the manifest digest.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -82,8 +83,6 @@ def data_digest(store: str, *, pseudo: bool = True) -> str:
     splits and labels, and (``pseudo``) each pseudo-mask's threshold, polarity and foreground fraction (so a change
     in prep's thresholding, which would change the pretraining targets, gives new job keys instead of stale results;
     runs that never read pseudo-masks, scratch and SimCLR, use ``pseudo=False`` and survive such a change)."""
-    import hashlib
-
     cols = ["sample_id", "row", "split", "status", "has_label", "threshold", "polarity", "fg_fraction", "degenerate",
             "label_fg_fraction"]  # this order: the digests of finished runs depend on it
     if not pseudo:
