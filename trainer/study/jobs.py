@@ -8,6 +8,9 @@ Three kinds of job, per dataset and seed:
 * ``ssl``: the encoder pretrained with SimCLR on the same pool, for the same number of steps.
 * ``finetune`` (per arm and label count): fine-tune on ``n`` labeled train images, keep the checkpoint with the
   best val IoU, score it on the test split and on every site.
+* with the study's ``init_weights`` (optional): the ``weights`` arm fine-tunes from them; ``weights_pretrain`` pretrains
+  them end to end on the main target's pseudo-masks and the ``weights_end_to_end`` arm fine-tunes from that. Their
+  keys hold the weight name or the file's sha256; they live under ``runs/<dataset>/weights-<name>/``.
 
 The arms of one seed are paired: the trainer draws the label subset, the initial weights, the batch order and the
 augmentation from the run's seed, which is the same for every arm. A job's ``key`` hashes what its result depends
@@ -19,13 +22,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsass.trainer import weights
 from medsass.trainer.config import FinetuneConfig
-from medsass.trainer.study.spec import PSEUDO_ARMS, Study, budget_count, parse_budget
+from medsass.trainer.study.spec import PSEUDO_ARMS, WEIGHT_ARMS, Study, budget_count, parse_budget
 
 from medsass import configio
 from medsass.errors import MedsassError
@@ -33,7 +38,7 @@ from medsass.errors import MedsassError
 # Run order: the main comparison (the convergence check first, since it decides whether the schedule is long enough;
 # then pretraining, scratch and end-to-end) seed by seed; then the SSL baseline, encoder-only and the other targets.
 TIER = {"convergence": 0, "pretrain": 1, "scratch": 2, "end_to_end": 3, "ssl_pretrain": 4, "ssl": 5, "strategy": 6,
-        "encoder_only": 7, "other_target": 8}
+        "encoder_only": 7, "other_target": 8, "weights": 9, "weights_pretrain": 10, "weights_end_to_end": 11}
 
 
 def _priority(tier: str, seed: int, *rest: int) -> tuple:
@@ -76,6 +81,7 @@ class Job:
     sites: dict[str, str] = field(default_factory=dict)
     site_splits: dict[str, list[str]] = field(default_factory=dict)
     priority: tuple = ()
+    init_weights: str | dict[str, str] | None = None  # the study's init_weights as in the key (a file: its sha256)
 
     @property
     def key(self) -> str:
@@ -105,12 +111,60 @@ def _identity(cfg: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {**data, **extra}
 
 
+@dataclass(frozen=True)
+class InitWeights:
+    """The study's ``init_weights``, as the runs' configs, the job keys and the folders use it."""
+
+    spec: str  # the runs' model.encoder_weights: a weight name or an absolute file path
+    ident: str | dict[str, str]  # in job keys: the name, or the file's sha256 (not where the file is)
+    slug: str  # runs/<dataset>/<slug>/: weights-imagenet, weights-<file stem>-<sha256[:8]>
+
+
+def init_weights(study: Study) -> InitWeights | None:
+    spec = study.init_weights
+    if not spec:
+        return None
+    if not weights.is_file(spec):
+        return InitWeights(spec, spec, f"weights-{spec}")
+    h = hashlib.sha256()
+    with open(spec, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).stem)
+    return InitWeights(spec, {"sha256": h.hexdigest()}, f"weights-{stem}-{h.hexdigest()[:8]}")
+
+
+def _with_weights(cfg: dict[str, Any], w: InitWeights) -> dict[str, Any]:
+    """``cfg`` whose first stage starts from the study's init_weights."""
+    cfg["model"] = {**cfg.get("model", {}), "encoder_weights": w.spec}
+    return cfg
+
+
+def _weights_identity(ident: dict[str, Any], w: InitWeights) -> dict[str, Any]:
+    return {**ident, "model": {**ident["model"], "encoder_weights": w.ident}}
+
+
+WEIGHTS_PRE = "::weights"  # the key of the init_weights pretrain job among a seed's pretrain jobs
+
+
+def _weights_pretrain_job(train, d: StudyData, seed: int, w: InitWeights, runs: Path, data_id, d_i: int) -> Job:
+    """The init_weights pretrained end to end on the main target's pseudo-masks (scored zero-shot, as the others)."""
+    base = runs / d.name / w.slug / d.main_target / f"seed{seed}"
+    cfg = _with_weights(run_config(train, d.stores[d.main_target], base, seed), w)
+    cfg["evaluate"]["checkpoint"] = "pretrain"
+    ident = _weights_identity(_identity({k: v for k, v in cfg.items() if k != "finetune"}, kind="pretrain",
+                                        data=data_id(d.main_target)), w)
+    return Job("pretrain", d.name, d.main_target, "weights_pretrain", seed, str(base), cfg, ident, sites=d.sites,
+               site_splits=d.site_splits, priority=_priority("weights_pretrain", seed, d_i, 0), init_weights=w.ident)
+
+
 def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> list[Job]:
     """Every job of the study, deduplicated, in run order (see ``TIER``: the main comparison first, seed by seed)."""
     jobs: list[Job] = []
     runs = Path(study.out_dir) / "runs"
     prep = configio.to_dict(study.prep)
     conv = study.convergence
+    w = init_weights(study)
     for d_i, d in enumerate(data):
         counts: dict[int, list[str]] = defaultdict(list)
         for b in study.budgets:
@@ -129,6 +183,9 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                 return ident
 
             pre: dict[str, Job] = {}
+            if w and "weights_end_to_end" in study.arms:
+                pre[WEIGHTS_PRE] = _weights_pretrain_job(train, d, seed, w, runs, data_id, d_i)
+                jobs.append(pre[WEIGHTS_PRE])
             for t_i, target in enumerate(d.stores):
                 arms = study.arms if t_i == 0 else study.other_targets.arms
                 if not any(a in PSEUDO_ARMS for a in arms):
@@ -162,7 +219,7 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                     plan += [(d.main_target, a, conv.factor) for a in conv.arms]
                 for target, arm, factor in plan:
                     jobs.append(_finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs,
-                                              data_id, d_i))
+                                              data_id, d_i, w))
             st = study.strategies
             if st and (not st.datasets or d.name in st.datasets) and d.main_target in pre:
                 st_counts: dict[int, list[str]] = defaultdict(list)
@@ -177,23 +234,37 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
     return _dedupe(jobs)
 
 
-def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i) -> Job:
+# the fine-tune init of arms not named after one (the others: init = arm)
+ARM_INIT = {"ssl": "encoder_only", "weights": "scratch", "weights_end_to_end": "end_to_end"}
+
+
+def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i,
+                  w: InitWeights | None = None) -> Job:
     main = target == d.main_target
-    if arm in ("scratch", "ssl"):
+    if arm in ("scratch", "ssl", *WEIGHT_ARMS):
         target = d.main_target
-    source = None if arm == "scratch" else ssl_job if arm == "ssl" else pre[target]
+    source = (None if arm in ("scratch", "weights") else ssl_job if arm == "ssl" else
+              pre[WEIGHTS_PRE] if arm == "weights_end_to_end" else pre[target])
     sub = f"n{n:03d}" + (f"_x{factor}" if factor > 1 else "")
     out = runs / d.name / (target if arm in PSEUDO_ARMS else arm) / f"seed{seed}" / sub / (arm if arm in PSEUDO_ARMS else "")
+    if arm == "weights":
+        out = runs / d.name / w.slug / f"seed{seed}" / sub
+    elif arm == "weights_end_to_end":
+        out = Path(source.dir) / sub / "end_to_end"
     cfg = run_config(train, d.stores[target], out, seed)
+    if arm == "weights":
+        _with_weights(cfg, w)
     fc = cfg["finetune"]
-    fc.update(init="encoder_only" if arm == "ssl" else arm, label_count=n, label_fraction=None, subset_seed=None,
-              pretrained=None if arm == "scratch" else str(Path(source.dir) / "pretrain" / "final.pt"))
+    fc.update(init=ARM_INIT.get(arm, arm), label_count=n, label_fraction=None, subset_seed=None,
+              pretrained=None if source is None else str(Path(source.dir) / "pretrain" / "final.pt"))
     if factor > 1:  # the same schedule, stretched: factor x the steps (and warm-up)
         fc["steps"] = _get_steps(train) * factor
         fc["warmup_steps"] = int(fc.get("warmup_steps", 0)) * factor
     cfg["evaluate"]["checkpoint"] = "best"
-    ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=arm in PSEUDO_ARMS),
+    ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=arm in (*PSEUDO_ARMS, "weights_end_to_end")),
                       source=source.key if source else None)
+    if arm == "weights":
+        ident = _weights_identity(ident, w)
     conv = study.convergence
     if conv and arm in conv.arms and n in {budget_count(b, d.n_labeled_train) for b in conv.budgets} and main:
         tier = "convergence"  # both the long run and the run it checks
@@ -201,7 +272,7 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
         tier = arm if main else "other_target"
     return Job("finetune", d.name, target, arm, seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                steps_factor=factor, needs=source.key if source else None, sites=d.sites, site_splits=d.site_splits,
-               priority=_priority(tier, seed, d_i, n, factor))
+               priority=_priority(tier, seed, d_i, n, factor), init_weights=w.ident if w and arm in WEIGHT_ARMS else None)
 
 
 def _strategy_job(study, train, d: StudyData, seed, n, names, strategy, source: Job, runs, data_id, d_i) -> Job:

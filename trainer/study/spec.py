@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medsass.pipeline.methods import METHODS
+from medsass.trainer import weights
 from medsass.trainer.config import load_config, merge, read_config_data
 
 from medsass import configio
@@ -20,10 +21,14 @@ from medsass.errors import ConfigError
 # Fine-tuning arms. Pseudo-mask arms start from a pretrain run on one threshold method's pseudo-masks.
 PSEUDO_ARMS = ("end_to_end", "encoder_only")
 ARMS = ("scratch", *PSEUDO_ARMS, "ssl")
+# Optional arms from the study's ``init_weights`` (e.g. ImageNet): fine-tuned from those weights, and those weights
+# pretrained end to end on the main target's pseudo-masks, then fine-tuned (its pretraining gives ``weights_zero_shot``).
+WEIGHT_ARMS = ("weights", "weights_end_to_end")
 # Rows without fine-tuning, made by every pretrain job: the stored pseudo-masks and the pretrained model as they are.
 NO_LABEL_ARMS = ("floor", "zero_shot")
 ARM_NAMES = {"floor": "pseudo-mask floor", "zero_shot": "zero-shot", "scratch": "scratch", "end_to_end": "end-to-end",
-             "encoder_only": "encoder-only", "ssl": "SimCLR encoder"}
+             "encoder_only": "encoder-only", "ssl": "SimCLR encoder", "weights": "init weights",
+             "weights_end_to_end": "init weights + end-to-end", "weights_zero_shot": "init weights + pretrain, zero-shot"}
 
 
 def arm_label(arm: str, target: str, main_target: str) -> str:
@@ -158,6 +163,9 @@ class Study:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     budgets: list[str] = field(default_factory=lambda: ["1", "2", "5", "10", "25", "50", "100%"])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
+    # initial encoder weights for the arms weights / weights_end_to_end (list them in arms): an smp weight name
+    # (imagenet; downloaded once by smp/timm into their cache) or a state-dict file (a path relative to the study file)
+    init_weights: str | None = None
     other_targets: OtherTargets = field(default_factory=OtherTargets)
     ssl: SSLSpec = field(default_factory=SSLSpec)
     convergence: ConvergenceSpec | None = field(default_factory=ConvergenceSpec)
@@ -172,9 +180,15 @@ class Study:
                 self.strategies.budgets if self.strategies else []):
             parse_budget(b)
         arms = self.arms + self.other_targets.arms + (self.convergence.arms if self.convergence else [])
-        bad = [a for a in arms if a not in ARMS]
+        bad = [a for a in arms if a not in ARMS + WEIGHT_ARMS]
         if bad:
-            raise ValueError(f"unknown arm(s) {bad}; arms are {', '.join(ARMS)}")
+            raise ValueError(f"unknown arm(s) {bad}; arms are {', '.join(ARMS + WEIGHT_ARMS)}")
+        weight_arms = [a for a in arms if a in WEIGHT_ARMS]
+        if weight_arms and not self.init_weights:
+            raise ValueError(f"arm(s) {weight_arms} need init_weights: an smp weight name (imagenet) or a state-dict file")
+        if self.init_weights and not any(a in WEIGHT_ARMS for a in self.arms):
+            raise ValueError(f"init_weights={self.init_weights!r} is used only by the arms {', '.join(WEIGHT_ARMS)}: "
+                             "add one to arms (or remove init_weights)")
         if any(a not in PSEUDO_ARMS for a in self.other_targets.arms):
             raise ValueError(f"other_targets.arms may hold only {', '.join(PSEUDO_ARMS)} (the others use no pseudo-masks)")
         if self.jobs < 1 or not self.seeds or self.bootstrap < 100:
@@ -231,6 +245,10 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict
         return None if p is None else p if Path(p).is_absolute() else str((base / p).resolve())
 
     study.out_dir, study.results_dir = res(study.out_dir), res(study.results_dir)
+    if study.init_weights and weights.is_file(study.init_weights):
+        study.init_weights = res(study.init_weights)
+        if not Path(study.init_weights).is_file():
+            raise ConfigError(f"{path}: init_weights: no such file {study.init_weights}")
     for d in study.datasets:
         d.dataset, d.store = res(d.dataset), res(d.store)
         for s in d.sites:
