@@ -3,21 +3,23 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from medsass.errors import InputError, SkipInput
 
-FORMATS = ("dicom", "png", "jpeg", "tiff", "gif", "bmp")
+FORMATS = ("dicom", "png", "jpeg", "tiff", "gif", "bmp", "nifti")
 # Extensions that promise a format we read. A file named so whose content is none of FORMATS (a corrupt or cut-off
 # download, a text or HTML file renamed .jpg) is a failure to report; any other file we cannot read is skipped on
 # purpose (notes.txt, README). A file whose content is another format we read (a PNG named .jpg) is read by content.
 EXTENSION_FORMATS = {
     ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp", ".gif": "gif",
-    ".dcm": "dicom", ".dicom": "dicom",
+    ".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti",
 }
-_FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "gif": "GIF", "dicom": "DICOM file"}
+_FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "gif": "GIF", "dicom": "DICOM file",
+                 "nifti": "NIfTI volume"}
 
 SNIFF_BYTES = 1024
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
@@ -44,8 +46,29 @@ def _looks_like_dicom_without_preamble(head: bytes) -> bool:
     return length < 0x10000 or length == 0xFFFFFFFF
 
 
+def _looks_like_nifti(head: bytes) -> bool:
+    """A single-file NIfTI-1 (``sizeof_hdr`` 348, magic ``n+1``) or NIfTI-2 (540, ``n+2``) header, either byte order.
+    Header/image pairs (``ni1``, ``.hdr`` + ``.img``) and Analyze are not read."""
+    if len(head) >= 348 and head[344:348] == b"n+1\x00":
+        return struct.unpack_from("<i", head)[0] == 348 or struct.unpack_from(">i", head)[0] == 348
+    if len(head) >= 12 and head[4:12] == b"n+2\x00\r\n\x1a\n":
+        return struct.unpack_from("<i", head)[0] == 540 or struct.unpack_from(">i", head)[0] == 540
+    return False
+
+
+def _gunzip_head(head: bytes, n: int = 544) -> bytes:
+    """The first ``n`` decompressed bytes of a gzip stream that starts with ``head`` (b'' when it is not one)."""
+    if not head.startswith(b"\x1f\x8b"):
+        return b""
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, n)
+    except zlib.error:
+        return b""
+
+
 def sniff_bytes(head: bytes) -> str | None:
-    """Format of a file from its first bytes (at least 132 for DICOM with preamble), or None."""
+    """Format of a file from its first bytes (at least 132 for DICOM with preamble, 348 for NIfTI), or None.
+    A gzip stream is NIfTI when what it starts with is (``.nii.gz``); other gzip files are None."""
     if head[128:132] == b"DICM":  # checked first: DICOM/TIFF dual files start with 'II*\0'
         return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -58,6 +81,8 @@ def sniff_bytes(head: bytes) -> str | None:
         return "gif"
     if head[:2] == b"BM" and len(head) >= 18 and struct.unpack_from("<I", head, 14)[0] in _BMP_DIB_SIZES:
         return "bmp"
+    if _looks_like_nifti(head) or _looks_like_nifti(_gunzip_head(head)):
+        return "nifti"
     if _looks_like_dicom_without_preamble(head):
         return "dicom"
     return None
@@ -72,7 +97,7 @@ def sniff(path: Path) -> str | None:
 def unreadable_content(path: str | Path, name: str) -> InputError:
     """Why a file whose content is none of FORMATS is left out: failed (InputError) when ``name``, the name it was
     found under, has an extension of EXTENSION_FORMATS; skipped (SkipInput) otherwise. Prep and predict both use it."""
-    ext = Path(name).suffix
+    ext = ".nii.gz" if str(name).lower().endswith(".nii.gz") else Path(name).suffix
     fmt = EXTENSION_FORMATS.get(ext.lower())
     if fmt is None:
         return SkipInput(path, "not_an_image", "not a DICOM, PNG, JPEG, TIFF, GIF or BMP file (by content)")
