@@ -82,6 +82,16 @@ COLUMNS: dict[str, tuple[pa.DataType, Any, str]] = {
 
 ARROW_SCHEMA = pa.schema([pa.field(name, typ) for name, (typ, _, _) in COLUMNS.items()])
 
+# Optional columns: a manifest has them (after COLUMNS, all four) only when one of its rows was cut from a volume
+# (NIfTI), so the manifest of a store without volumes has exactly COLUMNS, as before they existed. Read them with
+# ``name in table.column_names`` (or ``df.get(name)``); rows of other inputs in a mixed store hold the defaults.
+VOLUME_COLUMNS: dict[str, tuple[pa.DataType, Any, str]] = {
+    "slice_axis": (pa.string(), "", "volumes: axial | coronal | sagittal, the axis the volume was cut across after reorientation to RAS+; `frame` is the slice index along it"),
+    "volume_shape": (pa.list_(pa.int32()), None, "volumes: the source's data shape in its own voxel order"),
+    "volume_affine": (pa.list_(pa.float64()), None, "volumes: the source's 4x4 voxel -> mm (RAS+) affine, row-major (16 values)"),
+    "spacing": (pa.list_(pa.float64()), None, "volumes: mm between the record's source pixel rows, pixel columns and slices"),
+}
+
 # Columns added after schema version 1 was first written: a manifest without them is still read, the column
 # filled from the others (its value for a store written before the column existed).
 ADDED_COLUMNS = {
@@ -90,18 +100,24 @@ ADDED_COLUMNS = {
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
-    """A manifest row with every column at its default, then ``values``; unknown keys raise."""
-    unknown = set(values) - set(COLUMNS)
+    """A manifest row with every column at its default, then ``values`` (which may set VOLUME_COLUMNS too); unknown
+    keys raise."""
+    unknown = set(values) - set(COLUMNS) - set(VOLUME_COLUMNS)
     if unknown:
-        raise KeyError(f"unknown manifest column(s) {sorted(unknown)}; known: {list(COLUMNS)}")
+        raise KeyError(f"unknown manifest column(s) {sorted(unknown)}; known: {list(COLUMNS) + list(VOLUME_COLUMNS)}")
     row = {name: default for name, (_, default, _) in COLUMNS.items()}
     row.update(values)
     return row
 
 
 def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    rows = list(rows)
-    return pa.Table.from_pylist([empty_row(**r) for r in rows], schema=ARROW_SCHEMA)
+    """The manifest table of ``rows``: COLUMNS, plus VOLUME_COLUMNS when a row has any of them."""
+    rows = [empty_row(**r) for r in rows]
+    if not any(name in r for r in rows for name in VOLUME_COLUMNS):
+        return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
+    volume = {name: default for name, (_, default, _) in VOLUME_COLUMNS.items()}
+    schema = pa.schema([*ARROW_SCHEMA, *(pa.field(name, typ) for name, (typ, _, _) in VOLUME_COLUMNS.items())])
+    return pa.Table.from_pylist([{**volume, **r} for r in rows], schema=schema)
 
 
 def write_rows_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
