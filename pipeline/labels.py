@@ -5,6 +5,9 @@ The template sees ``{stem} {name} {ext} {rel_stem} {rel_dir}`` of the image and 
 of ``stem_regex`` matched against its stem; ``*`` and ``?`` are wildcards. A template without a
 ``/`` is looked up first beside the image's relative folder inside the label folder, then by name
 anywhere in it. Zero matches -> ``missing``; several -> ``ambiguous``; neither is fatal.
+
+A ``.nii.gz`` name's ``{stem}`` is the name without ``.nii.gz`` and its ``{ext}`` is ``nii.gz``. The pattern
+``nnunet`` pairs as nnU-Net does: ``imagesTr/case_0000.nii.gz`` (any 4-digit channel) with ``labelsTr/case.nii.gz``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,19 @@ class Pairing:
 
 
 NO_LABELS = Pairing("", "", "")
+NNUNET = "nnunet"  # the pattern value that pairs nnU-Net style
+_NNUNET_REGEX = r"^(?P<case>.+)_\d{4}$"
+_NNUNET_PATTERN = "{case}.{ext}"
+_DOUBLE_SUFFIXES = (".nii.gz",)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(stem, suffix) of a file name, the suffix with its dot: ``case_0000.nii.gz`` -> (``case_0000``, ``.nii.gz``)."""
+    for suffix in _DOUBLE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    p = PurePosixPath(name)
+    return p.stem, p.suffix
 
 
 class LabelIndex:
@@ -39,7 +55,12 @@ class LabelIndex:
 
     def __init__(self, spec: LabelSource):
         self.spec = spec
+        self.pattern = spec.pattern
         self.regex = re.compile(spec.stem_regex) if spec.stem_regex else None
+        if spec.pattern == NNUNET:
+            if spec.stem_regex:
+                raise ConfigError(f"label pattern {NNUNET!r} sets its own stem_regex; drop stem_regex {spec.stem_regex!r}")
+            self.pattern, self.regex = _NNUNET_PATTERN, re.compile(_NNUNET_REGEX)
         self.pairs: dict[str, str] | None = None
         self.raw_pairs: dict[str, str] = {}  # the CSV's image values as written -> mask
         self.by_rel: dict[str, str] = {}
@@ -81,20 +102,23 @@ class LabelIndex:
             hit = hit or next((self.raw_pairs[a] for a in aliases if a in self.raw_pairs), "")
             return Pairing(hit, "ok") if hit else Pairing("", "missing", f"no row for this image in {self.spec.pairs}")
         rel_p = PurePosixPath(rel)
+        stem, suffix = split_name(rel_p.name)
+        rel_dir = "" if str(rel_p.parent) == "." else str(rel_p.parent)
         fields = {
-            "stem": rel_p.stem,
+            "stem": stem,
             "name": rel_p.name,
-            "ext": rel_p.suffix.lstrip("."),
-            "rel_stem": str(rel_p.with_suffix("")),
-            "rel_dir": "" if str(rel_p.parent) == "." else str(rel_p.parent),
+            "ext": suffix.lstrip("."),
+            "rel_stem": f"{rel_dir}/{stem}" if rel_dir else stem,
+            "rel_dir": rel_dir,
         }
         if self.regex is not None:
-            m = self.regex.search(rel_p.stem)
+            m = self.regex.search(stem)
             if not m:
-                return Pairing("", "missing", f"stem {rel_p.stem!r} does not match stem_regex {self.spec.stem_regex!r}")
+                regex = self.spec.stem_regex or f"{_NNUNET_REGEX} (--label-pattern {NNUNET}: case_0000.nii.gz -> case.nii.gz)"
+                return Pairing("", "missing", f"stem {stem!r} does not match stem_regex {regex!r}")
             fields.update({k: v for k, v in m.groupdict().items() if v is not None})
         try:
-            target = self.spec.pattern.format(**fields)
+            target = self.pattern.format(**fields)
         except (KeyError, IndexError) as exc:
             raise ConfigError(
                 f"label pattern {self.spec.pattern!r} uses {exc}, which is not one of {sorted(fields)}; "
