@@ -18,7 +18,7 @@ EPILOG = """Exit codes: 0 all inputs stored or skipped on purpose; 3 some inputs
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medsass")
 def main() -> None:
-    """Prep stage of medsass: raw DICOM/TIFF/PNG/JPEG -> sharded Zarr store with Otsu pseudo-masks + manifest."""
+    """Prep stage of medsass: raw DICOM/TIFF/PNG/JPEG/NIfTI -> sharded Zarr store with Otsu pseudo-masks + manifest."""
 
 
 def _split_spec(text: str) -> dict[str, float]:
@@ -53,7 +53,8 @@ class MethodChoice(click.Choice):
 @click.option("--out", "-o", type=click.Path(), help="Output store (a folder, e.g. data.zarr).")
 @click.option("--dataset", type=click.Path(exists=True, dir_okay=False), help="Dataset file (data_manifests/NAME.yaml) instead of flags.")
 @click.option("--labels", type=click.Path(), help="Folder of real masks for fine-tuning/evaluation.")
-@click.option("--label-pattern", help="Mask file name template, e.g. '{stem}_segmentation.png' (default: same stem, any extension).")
+@click.option("--label-pattern", help="Mask file name template, e.g. '{stem}_segmentation.png' (default: same stem, any extension); "
+              "nnunet: imagesTr/case_0000.nii.gz pairs with labelsTr/case.nii.gz.")
 @click.option("--stem-regex", help="Regex with named groups matched on the image stem, usable in --label-pattern.")
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False), help="CSV with columns image,mask (instead of --labels).")
 @click.option("--size", type=int, help="Stored images are SIZE x SIZE [256].")
@@ -65,6 +66,10 @@ class MethodChoice(click.Choice):
 @click.option("--polarity", type=click.Choice(BUILD_POLARITIES), help="Which side is foreground [auto: per image]; store: one "
               "side for the whole store, the majority of the per-image auto decisions, minority images flagged.")
 @click.option("--intensity", type=click.Choice(["percentile", "minmax"]), help="How non-8-bit images map to uint8 [percentile].")
+@click.option("--window", help="NIfTI volumes: intensity window before Otsu and uint8, one per volume: lung, soft-tissue, bone, "
+              "C/W in HU (e.g. 40/400) for CT; percentile (the volume's 0.5-99.5th) for MR [none: as --intensity, per slice].")
+@click.option("--slice-axis", type=click.Choice(["axial", "coronal", "sagittal"]), help="NIfTI volumes: one record per slice "
+              "across this axis, after reorientation to RAS+ [axial].")
 @click.option("--split", "split_spec", help="Fractions, e.g. val=0.1,test=0.2 (train is the rest).")
 @click.option("--seed", type=int, help="Split seed [0].")
 @click.option("--group-by", help="Split groups: file, dir or regex:<pattern> (DICOM PatientID, hashed, wins) [file].")
@@ -86,7 +91,7 @@ class MethodChoice(click.Choice):
               "this machine only, a free port; reach it by SSH tunnel]; env MEDSASS_DASHBOARD_ADDRESS.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any dataset-file key, e.g. geometry.size=128.")
 def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, size, resize, tile, tile_overlap, method,
-                polarity, intensity, split_spec, seed, group_by, groups_csv, split_unlabeled, workers, scheduler,
+                polarity, intensity, window, slice_axis, split_spec, seed, group_by, groups_csv, split_unlabeled, workers, scheduler,
                 shard_records, max_pixels, salt, salt_file, overwrite, retry_failed, strict, no_progress, dashboard_address,
                 overrides):
     """Build a store from INPUT files/folders (recursive; formats detected by content)."""
@@ -95,7 +100,8 @@ def build_masks(inputs, out, dataset, labels, label_pattern, stem_regex, pairs, 
     flag_map = {
         "out": out, "geometry.size": size, "geometry.resize": resize, "geometry.tile": tile,
         "geometry.tile_overlap": tile_overlap, "geometry.max_pixels": max_pixels, "threshold.method": method,
-        "threshold.polarity": polarity, "threshold.intensity": intensity, "split.seed": seed, "split.group_by": group_by,
+        "threshold.polarity": polarity, "threshold.intensity": intensity, "threshold.window": window,
+        "geometry.slice_axis": slice_axis, "split.seed": seed, "split.group_by": group_by,
         "split.groups_csv": groups_csv, "split.split_unlabeled": split_unlabeled, "runtime.workers": workers,
         "runtime.scheduler": scheduler, "runtime.shard_records": shard_records, "runtime.salt": salt,
         "runtime.strict": strict or None, "runtime.progress": False if no_progress else None,

@@ -18,6 +18,7 @@ from medsass import configio
 from medsass.errors import ConfigError
 
 from .methods import METHODS, unknown_method
+from .window import parse_window
 
 
 @dataclass
@@ -45,6 +46,8 @@ class GeometryConfig:
     tile: bool = False  # cut images into size x size tiles at native resolution instead of resizing
     tile_overlap: int = 0  # pixels of overlap between neighbouring tiles
     max_pixels: int = 2**28  # decompression-bomb guard per file (all frames)
+    # volumes (NIfTI): one record per slice across this axis, after reorientation to RAS+ (pipeline/readers/nifti.py)
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 4096:
@@ -61,10 +64,14 @@ class ThresholdConfig:
     # auto: per image; store: one side per store, the majority of the per-image auto decisions (pipeline/store_polarity.py)
     polarity: Literal["auto", "bright", "dark", "store"] = "auto"
     intensity: Literal["percentile", "minmax"] = "percentile"  # how non-8-bit images map to uint8
+    # volumes (NIfTI): lung | soft-tissue | bone | C/W (HU) | percentile (the volume's, for MR); None: as `intensity`
+    window: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {unknown_method(self.method)}")
+        parsed = parse_window(self.window)
+        self.window = parsed.spec if parsed else None
 
 
 @dataclass
@@ -108,6 +115,13 @@ class BuildConfig:
     runtime: BuildRuntimeConfig = field(default_factory=BuildRuntimeConfig)
     name: str = ""  # dataset name (informational)
 
+    def __post_init__(self) -> None:
+        if self.geometry.slice_axis != GeometryConfig.slice_axis and any(s.labels.dir or s.labels.pairs for s in self.sources):
+            raise ValueError(
+                f"geometry.slice_axis={self.geometry.slice_axis} with labels: label volumes are cut axially only for now "
+                "(build-masks and add-labels read them so); build with --slice-axis axial, or without --labels"
+            )
+
     def output_params(self) -> dict:
         """Everything that changes what is written: compared when an existing store is re-opened."""
         data = configio.to_dict(self)
@@ -115,6 +129,12 @@ class BuildConfig:
         data.pop("out")
         data.pop("name")
         data["shard_records"] = runtime["shard_records"]
+        # the volume settings are recorded only when they differ from the defaults: stores of other inputs keep
+        # the parameters (and digest) they had before the settings existed
+        if data["geometry"]["slice_axis"] == GeometryConfig.slice_axis:
+            del data["geometry"]["slice_axis"]
+        if data["threshold"]["window"] is None:
+            del data["threshold"]["window"]
         return data
 
     def params_digest(self) -> str:
