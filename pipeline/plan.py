@@ -142,7 +142,8 @@ def probe_entries(entries: Sequence[PlanEntry], cfg_geometry: dict, salt: str) -
                 raise InputError(e.source, "empty_file", "file is empty (0 bytes)")
             if not e.format:  # failed when its extension names an image format, else skipped
                 raise unreadable_content(e.source, e.rel)
-            pr = probe(Path(e.source), e.format, salt="")  # unsalted PatientID hash: split identity, never stored
+            # unsalted PatientID hash: split identity, never stored
+            pr = probe(Path(e.source), e.format, salt="", slice_axis=cfg_geometry.get("slice_axis"))
             e.n_frames, (e.height, e.width) = int(pr.n_frames), (int(pr.shape[0]), int(pr.shape[1]))
             e.dicom_group = pr.group or ""
             e.photometric = str(pr.meta.get("photometric", ""))
@@ -293,4 +294,5 @@ def from_table(table: pa.Table) -> list[PlanEntry]:
 
 def geometry_dict(cfg: BuildConfig) -> dict:
     g = cfg.geometry
-    return {"size": g.size, "resize": g.resize, "tile": g.tile, "tile_overlap": g.tile_overlap, "max_pixels": g.max_pixels}
+    return {"size": g.size, "resize": g.resize, "tile": g.tile, "tile_overlap": g.tile_overlap, "max_pixels": g.max_pixels,
+            "slice_axis": g.slice_axis}
