@@ -56,7 +56,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
                   store_polarity: str | None = None) -> list[Record]:
     """Records for the planned ``rows`` of entry ``e`` (a subset when the file straddles shards). With
     ``threshold.polarity: store``, ``store_polarity`` is the store's side (the plan's vote, pipeline/store_polarity.py)."""
-    from .readers import IN_MEMORY_FORMATS, read
+    from .readers import IN_MEMORY_FORMATS, add_reader_facts, read
     from .threshold import auto_polarity, pseudo_mask
 
     wanted = [(r, f, k) for r, f, k in e.records() if r in set(rows)]
@@ -76,7 +76,8 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
     except OSError as exc:
         return _failed(e, wanted, "", "unreadable", f"cannot read the file: {exc}")
     try:
-        got = read(Path(e.source), e.format, frames_needed, max_pixels=g["max_pixels"], data=data)
+        got = read(Path(e.source), e.format, frames_needed, max_pixels=g["max_pixels"], data=data,
+                   slice_axis=g.get("slice_axis"), window=t.get("window"))
         frames = {fr.index: fr for fr in got}
     except InputError as exc:
         if strict:
@@ -130,6 +131,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
                 intensity_low=low, intensity_high=high, method=pm.method, threshold=float(pm.threshold),
                 polarity=pm.polarity, fg_fraction=fg, qc_flags=",".join(flags), degenerate=is_degenerate(flags),
             )
+            add_reader_facts(meta, frame)  # volumes (NIfTI): geometry columns, window range, no_body QC
             label_c = None
             if lab is not None:
                 label_c, label_fg = place_label(lab, p, size)
