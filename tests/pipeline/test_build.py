@@ -77,6 +77,16 @@ def _png_with_huge_header(path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
+def _build_with_bad_inputs(src, out, dask_scheduler):
+    """build-masks at 32 px over ``src``, which holds bad inputs (exit code 3); its manifest, and per file name
+    (status, reason code, reason)."""
+    res = CliRunner().invoke(main, ["build-masks", str(src), "--out", str(out), "--size", "32", "--scheduler", dask_scheduler,
+                                    "--no-progress"])
+    assert res.exit_code == 3, res.output
+    df = manifest.read_manifest(out)
+    return df, {os.path.basename(s): (st, code, reason) for s, st, code, reason in zip(df.source, df.status, df.reason_code, df.reason)}
+
+
 def test_bad_inputs_are_recorded_and_do_not_stop_the_run(tmp_path, dask_scheduler):
     src = tmp_path / "in"
     write_blob_pngs(src, 5, size=48)
@@ -94,11 +104,7 @@ def test_bad_inputs_are_recorded_and_do_not_stop_the_run(tmp_path, dask_schedule
     nan[3, 4] = np.nan
     tifffile.imwrite(src / "nan.tif", nan)
     out = tmp_path / "s.zarr"
-    res = CliRunner().invoke(main, ["build-masks", str(src), "--out", str(out), "--size", "32", "--scheduler", dask_scheduler,
-                                    "--no-progress"])
-    assert res.exit_code == 3, res.output
-    df = manifest.read_manifest(out)
-    by = {os.path.basename(s): (st, code, reason) for s, st, code, reason in zip(df.source, df.status, df.reason_code, df.reason)}
+    df, by = _build_with_bad_inputs(src, out, dask_scheduler)
     assert by["empty.png"][:2] == ("failed", "empty_file")
     assert by["random.png"][:2] == ("failed", "not_an_image") and by["notes.txt"][0] == "skipped"
     assert by["truncated.png"][0] == "failed" and by["truncated.png"][2]
@@ -145,11 +151,7 @@ def test_files_named_as_images_that_are_not_fail_and_exit_3(tmp_path, dask_sched
     (src / "photo.png").write_bytes((src / "img0000.png").read_bytes())
     Image.open(src / "img0001.png").save(src / "misnamed.jpg", format="PNG")  # readable: content decides the format
     out = tmp_path / "s.zarr"
-    res = CliRunner().invoke(main, ["build-masks", str(src), "--out", str(out), "--size", "32", "--scheduler", dask_scheduler,
-                                    "--no-progress"])
-    assert res.exit_code == 3, res.output
-    df = manifest.read_manifest(out)
-    by = {os.path.basename(s): (st, code, reason) for s, st, code, reason in zip(df.source, df.status, df.reason_code, df.reason)}
+    df, by = _build_with_bad_inputs(src, out, dask_scheduler)
     assert by["noise.tif"][:2] == ("failed", "not_an_image")
     assert by["noise.tif"][2].startswith("extension .tif but the content is not a TIFF (first bytes 3f 8a ")
     assert by["img.jpg"][0] == by["scan.dcm"][0] == "failed" and "not a DICOM file" in by["scan.dcm"][2]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,46 +19,13 @@ from medsass.trainer.run import plan_run, run_stages
 
 from medsass import configio
 from medsass.errors import ConfigError, CorruptFileError, StoreError
-from medsass.testing import make_synthetic_store
-
-torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_synthetic_store(tmp_path_factory.mktemp("ck") / "s.zarr", n=48, size=32)
+from medsass.testing import tiny_train_config, with_sections
 
 
 def tiny(out, store, **sections):
-    cfg = {
-        "out_dir": str(out), "stores": {"syn": str(store)}, "model": {"encoder": TINY},
-        "pretrain": {"steps": 3, "batch_size": 4, "log_every": 1, "checkpoint_every": 1},
-        "finetune": {"steps": 2, "batch_size": 4, "log_every": 1},
-        "evaluate": {"batch_size": 16, "overlays": 0},
-        "runtime": {"num_workers": 0, "progress": False, "threads": 1, "tensorboard": False},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    return load_config(cfg)
-
-
-def run_killed_before_done(monkeypatch, cfg) -> None:
-    """Run pretrain, stopped as a kill would stop it between its last checkpoints and its ``done`` marker."""
-    from medsass import manifest
-
-    real = manifest.write_json
-
-    def write_json(obj, path, *args, **kwargs):
-        if Path(path).name == "done":
-            raise KeyboardInterrupt
-        return real(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(manifest, "write_json", write_json)
-    with pytest.raises(KeyboardInterrupt):
-        run_stages(cfg, ["pretrain"])
-    monkeypatch.setattr(manifest, "write_json", real)
-    assert (Path(cfg.out_dir) / "pretrain" / "last.pt").exists()
+    """The tiny run (tests/trainer/conftest.py's store) with 3 pretrain steps, a checkpoint after each, no overlays."""
+    cfg = tiny_train_config(out, {"syn": store}, pretrain={"steps": 3, "checkpoint_every": 1}, evaluate={"overlays": 0})
+    return load_config(with_sections(cfg, **sections))
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
@@ -135,14 +101,14 @@ def test_finished_stage_is_skipped_changed_config_refused_restart_redoes(tmp_pat
     assert (tmp_path / "out" / "config.yaml").exists()
 
 
-def test_changed_store_is_refused_before_resuming(tmp_path, store, monkeypatch):
+def test_changed_store_is_refused_before_resuming(tmp_path, store, run_killed_before_done):
     import shutil
 
     from medsass import manifest
 
     copy = shutil.copytree(store, tmp_path / "copy.zarr")
     cfg = tiny(tmp_path / "out", copy)
-    run_killed_before_done(monkeypatch, cfg)
+    run_killed_before_done(cfg)
     table = manifest.read_table(manifest.manifest_path(copy)).to_pandas()
     table.loc[0, "split"] = "val"
     manifest.write_table(manifest.rows_to_table(table.to_dict("records")), manifest.manifest_path(copy))
@@ -152,8 +118,8 @@ def test_changed_store_is_refused_before_resuming(tmp_path, store, monkeypatch):
     assert plans[0].resume is not None and plans[0].resume["step"] == 3
 
 
-def test_resume_needs_same_worker_count(tmp_path, store, monkeypatch):
-    run_killed_before_done(monkeypatch, tiny(tmp_path / "out", store))
+def test_resume_needs_same_worker_count(tmp_path, store, run_killed_before_done):
+    run_killed_before_done(tiny(tmp_path / "out", store))
     with pytest.raises(ConfigError, match="num_workers"):
         plan_run(tiny(tmp_path / "out", store, runtime={"num_workers": 2}), ["pretrain"])
 
@@ -195,12 +161,12 @@ def test_torn_checkpoint_error_says_what_happened_which_file_and_what_to_do(tmp_
     assert "Delete it" in message and "--restart" in message  # the remedy, not cut off
 
 
-def test_torn_last_pt_resumes_from_the_previous_checkpoint(tmp_path, store, monkeypatch, recwarn):
+def test_torn_last_pt_resumes_from_the_previous_checkpoint(tmp_path, store, run_killed_before_done, recwarn):
     """last.pt is rotated to last.prev.pt before each write; an unreadable last.pt resumes from it, with a warning."""
     reference = tiny(tmp_path / "ref", store)
     run_stages(reference, ["pretrain"])
     cfg = tiny(tmp_path / "out", store)
-    run_killed_before_done(monkeypatch, cfg)
+    run_killed_before_done(cfg)
     stage = tmp_path / "out" / "pretrain"
     assert torch.load(stage / "last.prev.pt", weights_only=True)["step"] == 2
     last = stage / "last.pt"
@@ -253,10 +219,10 @@ def test_done_markers_of_older_runs_still_resume_after_a_move(tmp_path, store):
         plan_run(tiny(tmp_path / "moved", store), ["pretrain", "finetune"])
 
 
-def test_resume_after_a_torn_metrics_line(tmp_path, store, monkeypatch):
+def test_resume_after_a_torn_metrics_line(tmp_path, store, run_killed_before_done):
     """A kill mid-append leaves a torn last line in metrics.jsonl: resume drops it (warning) and the log stays clean."""
     cfg = tiny(tmp_path / "out", store)
-    run_killed_before_done(monkeypatch, cfg)
+    run_killed_before_done(cfg)
     log = tmp_path / "out" / "pretrain" / "metrics.jsonl"
     log.write_bytes(log.read_bytes() + b'{"step": 9, "loss": 0.')
     with pytest.warns(UserWarning, match="torn last line"):

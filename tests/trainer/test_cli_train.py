@@ -6,33 +6,16 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 from medsass.trainer.cli import main
 
-from medsass.testing import make_synthetic_store
-
-torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_synthetic_store(tmp_path_factory.mktemp("cli") / "s.zarr", n=48, size=32)
+from medsass.testing import TINY_ENCODER, make_synthetic_store, tiny_train_config, with_sections
 
 
 def write_config(tmp_path, store, **sections):
-    cfg = {
-        "out_dir": str(tmp_path / "out"), "stores": {"syn": str(store)}, "model": {"encoder": TINY},
-        "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
-        "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "label_fraction": 0.5},
-        "evaluate": {"batch_size": 16, "overlays": 1},
-        "runtime": {"num_workers": 0, "progress": False, "threads": 1, "tensorboard": False},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    """The tiny run on tests/trainer/conftest.py's store, half of its train labels, as a YAML file."""
+    cfg = with_sections(tiny_train_config(tmp_path / "out", {"syn": store}, finetune={"label_fraction": 0.5}), **sections)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -104,8 +87,8 @@ def test_checkpoint_of_another_architecture(tmp_path, store):
     args = model_args(ModelConfig(encoder="resnet18"))
     ck.save(other, {"model": {}, "model_args": args})
     cfg = write_config(tmp_path, store)
-    _one_line_error(invoke("evaluate", cfg, "--set", f"evaluate.checkpoint={other}"), "resnet18", TINY)
-    _one_line_error(invoke("finetune", cfg, "--set", f"finetune.pretrained={other}"), "resnet18", TINY)
+    _one_line_error(invoke("evaluate", cfg, "--set", f"evaluate.checkpoint={other}"), "resnet18", TINY_ENCODER)
+    _one_line_error(invoke("finetune", cfg, "--set", f"finetune.pretrained={other}"), "resnet18", TINY_ENCODER)
     _one_line_error(invoke("finetune", cfg), "pretrain")  # init auto, no pretrain run to start from
 
 

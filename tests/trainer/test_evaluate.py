@@ -17,28 +17,12 @@ from medsass.trainer.model import build_model, model_args
 from medsass.trainer.run import run_stages
 from torch import nn
 
-from medsass.testing import make_synthetic_store
-
-torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_synthetic_store(tmp_path_factory.mktemp("ev") / "s.zarr", n=48, size=32)
+from medsass.testing import TINY_ENCODER, tiny_train_config
 
 
 def tiny(tmp_path, store, **sections):
-    cfg = {
-        "out_dir": str(tmp_path / "out"), "stores": {"syn": str(store)}, "model": {"encoder": TINY},
-        "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
-        "finetune": {"steps": 2, "batch_size": 4, "log_every": 1},
-        "evaluate": {"batch_size": 16, "overlays": 1},
-        "runtime": {"num_workers": 0, "progress": False, "threads": 1, "tensorboard": False},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    return load_config(cfg)
+    """The tiny run on tests/trainer/conftest.py's store."""
+    return load_config(tiny_train_config(tmp_path / "out", {"syn": store}, **sections))
 
 
 def test_micro_and_per_image_scores_match_smp_metrics():
@@ -103,9 +87,9 @@ def test_overlay_png_draws_both_outlines():
 
 def test_evaluate_stage_writes_report_for_a_checkpoint_path(tmp_path, store):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder=TINY))
+    model = build_model(ModelConfig(encoder=TINY_ENCODER))
     path = tmp_path / "model.pt"
-    ck.save(path, {"kind": "final", "stage": "finetune", "model": model.state_dict(), "model_args": model_args(ModelConfig(encoder=TINY))})
+    ck.save(path, {"kind": "final", "stage": "finetune", "model": model.state_dict(), "model_args": model_args(ModelConfig(encoder=TINY_ENCODER))})
     cfg = tiny(tmp_path, store, stages=["evaluate"], evaluate={"checkpoint": str(path), "splits": ["val", "test"], "overlays": 2})
     res = run_stages(cfg)["evaluate"]
     out = tmp_path / "out" / "evaluate"

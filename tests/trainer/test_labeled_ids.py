@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 from medsass.pipeline.add_labels import add_labels
@@ -15,10 +14,7 @@ from PIL import Image
 
 from medsass import manifest
 from medsass.errors import ConfigError
-from medsass.testing import make_synthetic_store
-
-torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
+from medsass.testing import TINY_ENCODER, make_synthetic_store
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +74,7 @@ def test_ids_that_select_nothing_are_named_with_what_to_do(store):
 
 
 def test_config_takes_labeled_ids_or_a_budget_not_both(tmp_path, store):
-    base = {"out_dir": str(tmp_path / "out"), "stores": {"syn": str(store)}, "model": {"encoder": TINY}}
+    base = {"out_dir": str(tmp_path / "out"), "stores": {"syn": str(store)}, "model": {"encoder": TINY_ENCODER}}
     with pytest.raises(ConfigError, match="replaces label_fraction / label_count"):
         load_config(base, ["finetune.labeled_ids=picks.csv", "finetune.label_count=2"])
     labeled, rows = ids_of(store, split="train", has_label=True)
@@ -107,7 +103,7 @@ def test_add_labels_then_finetune_on_exactly_those_records(tmp_path):
     picks = tmp_path / "picks.csv"
     picks.write_text("rank,sample_id,score\n" + "".join(f"{i},{s},0.5\n" for i, s in enumerate(picked, 1)))
     cfg = {
-        "out_dir": str(tmp_path / "out"), "stores": {"syn": str(path)}, "model": {"encoder": TINY},
+        "out_dir": str(tmp_path / "out"), "stores": {"syn": str(path)}, "model": {"encoder": TINY_ENCODER},
         "pretrain": {"steps": 2, "batch_size": 4}, "finetune": {"steps": 2, "batch_size": 4, "labeled_ids": str(picks)},
         "evaluate": {"batch_size": 16, "overlays": 0},
         "runtime": {"num_workers": 0, "progress": False, "threads": 1, "tensorboard": False},

@@ -20,21 +20,14 @@ from medsass.trainer.preempt import PREEMPT_EXIT, Preempted
 from medsass.trainer.run import run_stages
 
 from medsass import configio
-from medsass.testing import make_synthetic_store
+from medsass.testing import TINY_ENCODER
 
-torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_synthetic_store(tmp_path_factory.mktemp("pre") / "s.zarr", n=48, size=32)
 
 
 def tiny(out, store, workers=0, steps=STEPS):
     return load_config({
-        "out_dir": str(out), "stores": {"syn": str(store)}, "model": {"encoder": TINY},
+        "out_dir": str(out), "stores": {"syn": str(store)}, "model": {"encoder": TINY_ENCODER},
         "pretrain": {"steps": steps, "batch_size": 4, "log_every": 1, "checkpoint_every": 1000, "eval_every": 7},
         "runtime": {"num_workers": workers, "progress": False, "threads": 1, "tensorboard": False, "device": "cpu"},
     })

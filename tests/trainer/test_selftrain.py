@@ -31,16 +31,14 @@ from medsass.trainer.targets import PROBABILITY, target_encoding, to_mask
 
 from medsass import manifest
 from medsass.errors import ConfigError, StoreError
-from medsass.testing import make_synthetic_store
+from medsass.testing import TINY_ENCODER, make_synthetic_store
 
-torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
 N, SIZE, SHARD = 40, 32, 8
 
 
 def make_checkpoint(path, bias: float | None = None):
     torch.manual_seed(0)
-    cfg = load_config({"out_dir": "x", "stores": {"s": "x"}, "model": {"encoder": TINY}})
+    cfg = load_config({"out_dir": "x", "stores": {"s": "x"}, "model": {"encoder": TINY_ENCODER}})
     model = build_model(cfg.model)
     if bias is not None:  # a constant output: p = sigmoid(bias) everywhere
         head = model.segmentation_head[0]
@@ -155,7 +153,7 @@ def test_selftrain_cli_second_round_pretrains_on_round_one_labels(tmp_path):
     path = make_synthetic_store(tmp_path / "s.zarr", n=N, size=SIZE, shard_records=SHARD)
     before = np.asarray(zarr.open_array(str(path / "pseudo_mask"), mode="r")[:])
     cfg = {
-        "out_dir": str(tmp_path / "out"), "stores": {"syn": str(path)}, "model": {"encoder": TINY, "decoder_attention_type": None},
+        "out_dir": str(tmp_path / "out"), "stores": {"syn": str(path)}, "model": {"encoder": TINY_ENCODER, "decoder_attention_type": None},
         "loss": {"soft_labels": "weight"},
         "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1, "splits": ["train", "val"]},
         "evaluate": {"batch_size": 16, "overlays": 0},

@@ -31,10 +31,8 @@ from medsass.trainer.suggest import (
 from medsass import manifest
 from medsass.errors import StoreError
 from medsass.store import open_store
-from medsass.testing import make_synthetic_store
+from medsass.testing import TINY_ENCODER, make_synthetic_store
 
-torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
 N, SIZE, SHARD = 80, 32, 8
 
 
@@ -143,7 +141,7 @@ def test_candidates_are_usable_unlabeled_train_records(tmp_path):
 def make_checkpoint(path, head_bias: float | None = None):
     """A tiny untrained U-Net checkpoint; ``head_bias`` makes the output constant: p = sigmoid(bias) everywhere."""
     torch.manual_seed(0)
-    cfg = ModelConfig(encoder=TINY)
+    cfg = ModelConfig(encoder=TINY_ENCODER)
     model = build_model(cfg)
     if head_bias is not None:
         head = model.segmentation_head[0]
