@@ -37,7 +37,7 @@ from medsass import manifest, store
 from medsass.errors import StoreError
 
 from .add_labels_plan import labels_request, make_plan, pending_plan
-from .add_labels_write import LABEL_COLUMNS, commit, done_path, new_block, record_facts, updated_manifest, write_shard  # noqa: F401 (LABEL_COLUMNS: the columns it writes)
+from .add_labels_write import LABEL_COLUMNS, commit, done_path, new_block, record_facts, updated_manifest, write_shard
 from .inspect_store import capped
 
 EXIT_OK, EXIT_SOME_REJECTED = 0, 3
@@ -132,5 +132,5 @@ def format_summary(result: AddLabelsResult, max_list: int = 10) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EXIT_OK", "EXIT_SOME_REJECTED", "AddLabelsResult", "add_labels", "format_summary", "new_block",
+__all__ = ["EXIT_OK", "EXIT_SOME_REJECTED", "LABEL_COLUMNS", "AddLabelsResult", "add_labels", "format_summary", "new_block",
            "updated_manifest", "write_shard"]
