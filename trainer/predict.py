@@ -1,4 +1,4 @@
-"""``medsass-train predict``: masks for raw DICOM/TIFF/PNG/JPEG files from a trained checkpoint.
+"""``medsass-train predict``: masks for raw DICOM/TIFF/PNG/JPEG/NIfTI files from a trained checkpoint.
 
 Inputs go through prep's own discovery and readers and the preprocessing the training store was
 built with (read from the checkpoint, never guessed): grayscale -> uint8 intensity mapping ->
@@ -9,13 +9,15 @@ averaged), thresholded, and written per input under ``OUT`` at the input's relat
     OUT/<rel>_mask.png       {0, 255} mask of a single-frame input
     OUT/<rel>_mask.tif       multi-page mask of a multi-frame DICOM / multi-page TIFF (one page per frame)
     OUT/<rel>_prob.tif       float32 probabilities (with ``probabilities=True``)
+    OUT/<rel>_mask.nii.gz    of a NIfTI input: a uint8 {0, 1} label volume with the input's shape, voxel order and
+                             affine (``_prob.nii.gz``: float32 probabilities; trainer/nifti_output.py)
     OUT/<rel>_seg.dcm        with ``output_format="dicom-seg"``: a DICOM SEG per series of DICOM inputs (trainer/dicom_seg.py)
     OUT/predictions.csv      source, status, reason, frames, height, width, fg_fraction, mean_probability, outputs
 
 ``<rel>`` is the input's path relative to the common parent of the inputs, without its image
 extension (kept when two inputs would share a name). Inputs that cannot be read are recorded
 (failed / skipped, with a reason) and skipped, as in prep. Only paths the user gave are written:
-nothing from DICOM headers.
+nothing from DICOM headers, nor the text fields of NIfTI headers.
 """
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ from medsass.pipeline import geometry
 from medsass.pipeline.discover import discover, unreadable_content
 from medsass.pipeline.intensity import to_uint8
 from medsass.pipeline.plan import common_parent
-from medsass.pipeline.readers import probe, read
+from medsass.pipeline.readers import VOLUME_FORMATS, probe, read
 from medsass.trainer import checkpoint as ck
-from medsass.trainer import dicom_seg
+from medsass.trainer import dicom_seg, nifti_output
 from medsass.trainer.distributed import pick_device
 from medsass.trainer.model import build_model
 from PIL import Image
@@ -50,7 +52,7 @@ CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("source", "status", "reason_code", "reason", "frames", "height", "width", "fg_fraction", "mean_probability",
                "mask", "probabilities")
 OUTPUT_FORMATS = ("png", "dicom-seg")  # png: PNG, multi-page TIFF for multi-frame inputs
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".gif", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".gif", ".bmp", ".nii", ".nii.gz"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class PrepParams:
     tile_overlap: int = 0
     intensity: str = "percentile"
     max_pixels: int = 2**28
+    window: str | None = None  # volumes (NIfTI): --window of the store (pipeline/window.py)
+    slice_axis: str = "axial"  # volumes: the axis they were cut across
 
     @classmethod
     def from_record(cls, prep: dict[str, Any], *, where: str) -> PrepParams:
@@ -70,8 +74,12 @@ class PrepParams:
         if not isinstance(g, dict) or not isinstance(t, dict) or "intensity" not in t:
             raise StoreError(f"{where} records no prep geometry/threshold parameters (a store not built by "
                              "`medsass-prep build-masks`?); predict cannot repeat its preprocessing")
+        if "window" in t and t["window"] is None:  # build-masks records a window only when set: this one was withheld
+            raise StoreError(f"{where} records that its volumes were windowed but not the window (a copy made by "
+                             "`medsass-prep share` keeps only preset names); predict cannot repeat its preprocessing")
         return cls(size=int(g["size"]), mode="tile" if g.get("tile") else str(g["resize"]), tile_overlap=int(g.get("tile_overlap", 0)),
-                   intensity=str(t["intensity"]), max_pixels=int(g.get("max_pixels", 2**28)))
+                   intensity=str(t["intensity"]), max_pixels=int(g.get("max_pixels", 2**28)), window=t.get("window"),
+                   slice_axis=str(g.get("slice_axis", "axial")))
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class _Job:
     acc: list[np.ndarray] = field(default_factory=list)
     cnt: list[np.ndarray] = field(default_factory=list)
     remaining: int = 0
+    slice_axis: str | None = None  # set when the input is a volume (NIfTI): its outputs are volumes too
 
 
 def prep_from_checkpoint(ckpt: dict[str, Any], *, where: str, store: str | None = None) -> PrepParams:
@@ -144,7 +153,7 @@ def find_inputs(inputs: Sequence[str | Path], out: Path) -> tuple[list[InputFile
             found.append((c, str(arg) if Path(arg).is_file() else os.path.join(str(arg), c.rel)))
     common = common_parent(sorted({str(c.root) for c, _ in found}))
     rels = [(Path(c.path).relative_to(common).as_posix() if common and str(c.path).startswith(common) else c.rel) for c, _ in found]
-    stems = [r[: -len(Path(r).suffix)] if Path(r).suffix.lower() in IMAGE_SUFFIXES else r for r in rels]
+    stems = [r[: -len(_suffix(r))] if _suffix(r).lower() in IMAGE_SUFFIXES else r for r in rels]
     counts = Counter(s.lower() for s in stems)
     clash = {s for s, k in counts.items() if k > 1}
     files = [InputFile(c.path, shown, rel if stem.lower() in clash else stem, c.format, c.size)
@@ -177,14 +186,14 @@ def predict_files(
                 raise InputError(inp.path, "empty_file", "file is empty (0 bytes)")
             if inp.format is None:  # failed when its extension names an image format, else skipped (as in prep)
                 raise unreadable_content(inp.path, inp.shown)
-            probe(inp.path, inp.format)
-            frames = read(inp.path, inp.format, None, max_pixels=prep.max_pixels)
+            probe(inp.path, inp.format, slice_axis=prep.slice_axis)
+            frames = read(inp.path, inp.format, None, max_pixels=prep.max_pixels, slice_axis=prep.slice_axis, window=prep.window)
             if not frames:
                 raise InputError(inp.path, "no_frames", "no frame could be decoded")
         except InputError as exc:
             rows.append(_fail(inp, out, exc))
             continue
-        job = _Job(inp, [f.pixels.shape for f in frames])
+        job = _Job(inp, [f.pixels.shape for f in frames], slice_axis=prep.slice_axis if inp.format in VOLUME_FORMATS else None)
         work = []
         for i, fr in enumerate(frames):
             places, canvases = frame_canvases(fr.pixels, str(fr.meta.get("orig_dtype", "")), prep)
@@ -248,9 +257,14 @@ def _finish(job: _Job, out: Path, threshold: float, probabilities: bool) -> dict
     masks = [(p >= threshold).astype(np.uint8) * np.uint8(255) for p in probs]
     multi = len(masks) > 1
     mask_path, prob_path = _outputs(job.inp, out, multi)
-    atomic_write_bytes(mask_path, _tiff(masks) if multi else _png(masks[0]))
-    if probabilities:
-        atomic_write_bytes(prob_path, _tiff(probs))
+    if job.slice_axis is not None:  # a volume in, a volume out, on the input's voxel grid
+        nifti_output.write_volume(job.inp.path, job.slice_axis, masks, mask_path)
+        if probabilities:
+            nifti_output.write_volume(job.inp.path, job.slice_axis, probs, prob_path, kind="probability")
+    else:
+        atomic_write_bytes(mask_path, _tiff(masks) if multi else _png(masks[0]))
+        if probabilities:
+            atomic_write_bytes(prob_path, _tiff(probs))
     n = sum(m.size for m in masks)
     h, w = job.shapes[0]
     return _row(job.inp.shown, "ok", frames=len(masks), height=h, width=w,
@@ -260,7 +274,14 @@ def _finish(job: _Job, out: Path, threshold: float, probabilities: bool) -> dict
 
 
 def _outputs(inp: InputFile, out: Path, multi: bool) -> tuple[Path, Path]:
+    if inp.format in VOLUME_FORMATS:
+        return out / f"{inp.rel}_mask{nifti_output.SUFFIX}", out / f"{inp.rel}_prob{nifti_output.SUFFIX}"
     return out / f"{inp.rel}_mask.{'tif' if multi else 'png'}", out / f"{inp.rel}_prob.tif"
+
+
+def _suffix(rel: str) -> str:
+    """A file name's image extension; ``.nii.gz`` counts as one."""
+    return rel[-7:] if rel.lower().endswith(".nii.gz") else Path(rel).suffix
 
 
 def _fail(inp: InputFile, out: Path, exc: InputError) -> dict[str, Any]:
