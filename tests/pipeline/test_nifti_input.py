@@ -350,3 +350,20 @@ def test_sagittal_build_of_a_real_mr_volume(tmp_path, dask_scheduler):
     assert len(df) == 33 and (df.slice_axis == "sagittal").all() and (df.orig_height == 25).all() and (df.orig_width == 41).all()
     assert not df.qc_flags.str.contains(NO_BODY).any()  # a brain cropped to its box: tissue in every slice
     assert (df.intensity_low < df.intensity_high).all() and df.intensity_low.nunique() == 1  # one window per volume
+
+
+def test_add_labels_pairs_nifti_label_volumes_into_a_volume_store(tmp_path, dask_scheduler):
+    from medsass.pipeline.add_labels import add_labels
+
+    hu, body = ct_volume()
+    write_nifti(tmp_path / "imagesTr" / "ct_0000.nii.gz", hu)
+    write_nifti(tmp_path / "labelsTr" / "ct.nii.gz", body.astype(np.uint8))
+    out = tmp_path / "s.zarr"
+    res = CliRunner().invoke(main, ["build-masks", str(tmp_path / "imagesTr"), "--out", str(out), "--size", "48",
+                                    "--window", "lung", "--scheduler", dask_scheduler, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    result = add_labels(out, labels_dir=str(tmp_path / "labelsTr"), pattern="nnunet")
+    assert result.exit_code == 0 and result.report["counts"]["written"] == 10
+    df = manifest.read_manifest(out).sort_values("frame")
+    assert df.has_label.all() and list(df.columns)[-4:] == list(manifest.VOLUME_COLUMNS)  # the volume columns survive
+    assert df.label_fg_fraction.tolist() == pytest.approx([body[:, :, k].mean() for k in range(10)])
