@@ -55,7 +55,7 @@ def write_volume(source: str | Path, slice_axis: str, slices: Sequence[np.ndarra
         hdr.set_intent("label")
         hdr["cal_min"], hdr["cal_max"] = 0, 1
     path = Path(path)
-    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
     return path
 
 

@@ -130,7 +130,8 @@ class Volume:
 
     def display(self, canonical: np.ndarray, k: int) -> np.ndarray:
         """Canonical slice ``k`` as displayed (a view)."""
-        return np.take(canonical, k, axis=self.axis)[::-1, ::-1].T
+        index = (slice(None),) * self.axis + (k,)  # basic indexing: a view (np.take would copy the whole volume)
+        return canonical[index][::-1, ::-1].T
 
     def to_source(self, slices: Sequence[np.ndarray], dtype=np.uint8) -> np.ndarray:
         """Displayed slices (one per frame, in frame order) back into an array of the source's shape and voxel order."""
