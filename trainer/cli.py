@@ -200,7 +200,7 @@ def show_config(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=16, show_default=True, help="Canvases per forward pass.")
 @click.option("--threshold", default=0.5, show_default=True, help="On sigmoid probabilities.")
-@click.option("--probabilities", is_flag=True, help="Also write float32 TIFF probability maps (<name>_prob.tif).")
+@click.option("--probabilities", is_flag=True, help="Also write float32 probability maps (<name>_prob.tif; .nii.gz for NIfTI inputs).")
 @click.option("--store", default=None, metavar="NAME", help="Whose prep parameters to repeat, when the checkpoint's stores differ.")
 @click.option("--format", "output_format", default="png", show_default=True, type=click.Choice(["png", "dicom-seg"]),
               help="png: PNG (multi-page TIFF for multi-frame inputs). dicom-seg: a DICOM SEG per series of DICOM inputs "
@@ -217,7 +217,8 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str,
 
     Inputs are prepared exactly as the training store was (read from the checkpoint); masks come back
     at each input's original size: <name>_mask.png, or a multi-page <name>_mask.tif for multi-frame
-    inputs, plus OUT/predictions.csv. Exit 3 when some inputs failed (listed on stderr and in the CSV).
+    inputs, or a <name>_mask.nii.gz label volume on a NIfTI input's voxel grid, plus OUT/predictions.csv.
+    Exit 3 when some inputs failed (listed on stderr and in the CSV).
     """
     try:
         from medsass.trainer import dicom_seg
