@@ -170,7 +170,8 @@ def cache_hint(encoder: str, spec: str) -> str:
     return (f"{'timm' if encoder.startswith('tu-') else 'smp'} downloads the Hugging Face Hub repo {repo} into the "
             f"cache folder {hub} (set by HF_HUB_CACHE or HF_HOME). On a machine with internet run `hf download "
             f"{repo}{rev_opt}`, then copy the folder models--{repo.replace('/', '--')} of its cache into {hub} here "
-            "(or point HF_HUB_CACHE at a copy of that cache); or set model.encoder_weights to a local state-dict file")
+            "(or point HF_HUB_CACHE at a copy of that cache; HF_HUB_OFFLINE=1 then skips the network retries); or set "
+            "model.encoder_weights to a local state-dict file")
 
 
 def _downloaded_encoder_state(args: dict[str, Any], spec: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from medsass.trainer.config import ModelConfig
 from medsass.trainer.model import build_model
 from medsass.trainer.study import ledger
 
+from medsass.manifest import file_digest
 from medsass.testing import make_synthetic_store
 
 torch.set_num_threads(1)
@@ -85,7 +86,7 @@ def test_weight_arms_run_report_and_leave_other_keys_alone(tmp_path):
     assert arms == sorted([("pretrain", "pretrain", 0), ("pretrain", "weights_pretrain", 0)]
                           + [("finetune", a, n) for a in ("scratch", "end_to_end", "weights", "weights_end_to_end")
                              for n in (1, 3)])
-    digest = {"sha256": __import__("hashlib").sha256((tmp_path / "weights" / "enc.pt").read_bytes()).hexdigest()}
+    digest = {"sha256": file_digest(tmp_path / "weights" / "enc.pt")}
     assert all(r.get("init_weights") == (digest if "weights" in r["arm"] else None) for r in rows)
     assert all(set(r["evals"]) == {"test", "site:other"} for r in rows)
     by_seed = {}

@@ -34,6 +34,7 @@ from medsass.trainer.study.spec import PSEUDO_ARMS, WEIGHT_ARMS, Study, budget_c
 
 from medsass import configio
 from medsass.errors import MedsassError
+from medsass.manifest import file_digest
 
 # Run order: the main comparison (the convergence check first, since it decides whether the schedule is long enough;
 # then pretraining, scratch and end-to-end) seed by seed; then the SSL baseline, encoder-only and the other targets.
@@ -126,12 +127,9 @@ def init_weights(study: Study) -> InitWeights | None:
         return None
     if not weights.is_file(spec):
         return InitWeights(spec, spec, f"weights-{spec}")
-    h = hashlib.sha256()
-    with open(spec, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    digest = file_digest(spec)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).stem)
-    return InitWeights(spec, {"sha256": h.hexdigest()}, f"weights-{stem}-{h.hexdigest()[:8]}")
+    return InitWeights(spec, {"sha256": digest}, f"weights-{stem}-{digest[:8]}")
 
 
 def _with_weights(cfg: dict[str, Any], w: InitWeights) -> dict[str, Any]:
