@@ -244,6 +244,28 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str,
         sys.exit(3)
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "torchscript"]),
+              help="onnx: model.onnx (opset 18, dynamic batch axis); torchscript: model.torchscript.pt (torch.jit.load).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--threshold", default=0.5, show_default=True, help="On sigmoid probabilities (recorded in the JSON).")
+@click.option("--store", default=None, metavar="NAME", help="Whose prep parameters to record, when the checkpoint's stores differ.")
+def export_cmd(checkpoint: str, fmt: str, out: str, threshold: float, store: str | None) -> None:
+    """Export CHECKPOINT as ONNX or TorchScript, with the preprocessing predict applies.
+
+    CHECKPOINT is a .pt file or a run folder (its finetune/final.pt). OUT gets the network and preprocessing.json
+    (size, resize mode, intensity scaling, threshold; see trainer/export.py)."""
+    try:
+        from medsass.trainer.export import JSON_NAME, export
+
+        meta = export(checkpoint, out, fmt=fmt, threshold=threshold, store=store)
+    except MedsassError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{os.path.join(out, meta['file'])} + {os.path.join(out, JSON_NAME)} (max logit difference from the "
+               f"checkpoint {meta['check']['max_abs_logit_difference']:.1e})")
+
+
 @main.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file [RUN_DIR/report.html].")

@@ -1,0 +1,117 @@
+"""``medsass-train export``: ONNX / TorchScript plus preprocessing.json, on a model trained by the demo's recipe on the
+bundled sample. onnxruntime's logits match torch's; the export folder alone (``apply_exported``) gives predict's masks,
+for the sample's own stretch geometry and for pad / tile geometries on larger, non-square and colour images."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import tifffile
+import torch
+from click.testing import CliRunner
+from medsass.trainer import checkpoint as ck
+from medsass.trainer.cli import main
+from medsass.trainer.demo import run_demo
+from medsass.trainer.export import JSON_NAME, OPSET, apply_exported, export
+from medsass.trainer.predict import frame_canvases, load_model, predict, prep_from_checkpoint
+from PIL import Image
+
+torch.set_num_threads(1)
+SAMPLE = Path(__file__).resolve().parents[2] / "sample_data" / "dsb2018_nuclei" / "images"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The demo's fine-tuned checkpoint (its recipe on the bundled sample, with fewer steps)."""
+    out = tmp_path_factory.mktemp("export") / "demo"
+    run_demo(out, workers=1, progress=False, overrides=["pretrain.steps=30", "finetune.steps=20", "runtime.threads=1",
+                                                         "runtime.num_workers=0", "evaluate.overlays=0"])
+    return out / "run" / "finetune" / "final.pt"
+
+
+def masks_of(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name[: -len("_mask.png")]: np.asarray(Image.open(p)) for p in sorted(folder.glob("*_mask.png"))}
+
+
+def compare(predicted: dict[str, np.ndarray], export_dir: Path, images: list[Path]) -> tuple[float, int]:
+    """Worst IoU and total differing pixels between predict's masks and apply_exported's."""
+    worst, differ = 1.0, 0
+    for img in images:
+        (mine,) = apply_exported(export_dir, img)
+        theirs = predicted[img.stem]
+        assert mine.shape == theirs.shape and mine.dtype == np.uint8
+        a, b = mine > 0, theirs > 0
+        union = np.logical_or(a, b).sum()
+        worst = min(worst, float(np.logical_and(a, b).sum() / union) if union else 1.0)
+        differ += int((a != b).sum())
+    return worst, differ
+
+
+def test_onnx_export_matches_torch_and_records_predicts_preprocessing(trained, tmp_path):
+    res = CliRunner().invoke(main, ["export", str(trained.parents[1]), "--format", "onnx", "--out", str(tmp_path / "x"),
+                                    "--threshold", "0.4"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "x" / JSON_NAME).read_text())
+    state = ck.load(trained)
+    prep = prep_from_checkpoint(state, where="test")
+    assert meta["preprocessing"] == dataclasses.asdict(prep) and prep.size == 128 and prep.mode == "stretch"
+    assert meta["threshold"] == 0.4 and meta["opset"] == OPSET and meta["file"] == "model.onnx"
+    assert meta["input"]["shape"] == ["batch", 1, 128, 128] and meta["checkpoint"]["stage"] == "finetune"
+    assert not list((tmp_path / "x").glob("*.data"))  # one self-contained file
+    # onnxruntime vs torch on every sample image, in a batch of 16 and of 1 (the batch axis is dynamic)
+    canvases = []
+    for f in sorted(SAMPLE.glob("*.tif")):
+        pixels = tifffile.imread(f)
+        canvases += list(frame_canvases(pixels, str(pixels.dtype), prep)[1])
+    x = np.stack(canvases)[:, None].astype(np.float32) / np.float32(255)
+    with torch.no_grad():
+        want = load_model(state, torch.device("cpu"))(torch.from_numpy(x)).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "x" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"image": x})[0]
+    assert got.shape == want.shape == (16, 1, 128, 128)
+    assert np.abs(got - want).max() < 1e-4 and np.abs(want).max() > 1  # a trained model's logits, matched
+    assert np.abs(session.run(["logits"], {"image": x[:1]})[0] - want[:1]).max() < 1e-4
+    bad = CliRunner().invoke(main, ["export", str(trained), "--format", "tflite", "--out", str(tmp_path / "y")])
+    assert bad.exit_code == 2 and "tflite" in bad.output
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_folder_alone_reproduces_predicts_masks_on_the_sample(trained, tmp_path, fmt):
+    images = sorted(SAMPLE.glob("*.tif"))
+    predict(trained, [SAMPLE], tmp_path / "pred", device="cpu")
+    predicted = masks_of(tmp_path / "pred")
+    assert len(predicted) == len(images) == 16
+    fg = np.mean([m.mean() / 255 for m in predicted.values()])
+    assert 0.02 < fg < 0.9, fg  # masks with both classes: the comparison can fail
+    export(trained, tmp_path / fmt, fmt=fmt)
+    worst, differ = compare(predicted, tmp_path / fmt, images)
+    assert worst >= 0.999, (worst, differ)
+    if fmt == "torchscript":
+        assert differ == 0  # the same torch kernels: pixel-identical
+
+
+def test_pad_and_tile_geometries_on_larger_non_square_and_colour_images(trained, tmp_path):
+    tiles = [tifffile.imread(f) for f in sorted(SAMPLE.glob("*.tif"))[:6]]
+    mosaic = np.block([tiles[:3], tiles[3:]])[:211, :317]  # uint16, 211 x 317: percentile scaling, resized / tiled
+    tifffile.imwrite(tmp_path / "wide.tif", mosaic)
+    gray8 = (np.clip(mosaic[:90, :150].astype(np.float32) / mosaic.max() * 255, 0, 255)).astype(np.uint8)
+    Image.fromarray(np.stack([gray8, gray8, np.roll(gray8, 3, axis=1)], -1)).save(tmp_path / "small.png")  # RGB, 90 x 150
+    images = [tmp_path / "wide.tif", tmp_path / "small.png"]
+    state = ck.load(trained)
+    for mode, geometry in (("pad", {"resize": "pad", "tile": False}), ("tile", {"tile": True, "tile_overlap": 40})):
+        changed = json.loads(json.dumps(state["stores"], default=str))
+        for rec in changed.values():
+            rec["prep"]["geometry"].update(geometry)
+        path = tmp_path / f"{mode}.pt"
+        torch.save({**state, "stores": changed}, path)
+        predict(path, images, tmp_path / f"pred_{mode}", device="cpu")
+        predicted = masks_of(tmp_path / f"pred_{mode}")
+        meta = export(path, tmp_path / f"export_{mode}", fmt="torchscript")
+        assert meta["preprocessing"]["mode"] == mode
+        worst, differ = compare(predicted, tmp_path / f"export_{mode}", images)
+        assert worst >= 0.999 and differ == 0, (mode, worst, differ)
+        assert all(0 < m.mean() < 255 for m in predicted.values())  # both classes present
