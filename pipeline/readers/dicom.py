@@ -33,6 +33,7 @@ from pydicom.pixels.utils import pixel_array
 from medsass.errors import InputError, MissingPluginError, SkipInput
 
 from ..gray import to_gray
+from ..levels import Levels, offset_codes
 from .frame import Frame, Probe, check_size, select_frames
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
@@ -290,9 +291,8 @@ def _frame_view(ds: Dataset, i: int) -> Dataset:
     return view
 
 
-def _stored_range(view: Dataset, arr: np.ndarray) -> tuple[float, float]:
-    """Value range of the stored pixels (Bits Stored), widened to the data and bounded by the dtype."""
-    lo, hi = arr.min().item(), arr.max().item()
+def _stored_range(view: Dataset, arr: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """Value range of the stored pixels (Bits Stored), widened to the data's [lo, hi] and bounded by the dtype."""
     if arr.dtype.kind == "f" or "BitsStored" not in view:
         return lo, hi
     bits = int(view.BitsStored)
@@ -348,8 +348,13 @@ def _voi(arr: np.ndarray, view: Dataset, lo: float, hi: float) -> tuple[np.ndarr
     return arr, lo, hi, "none"
 
 
-def _to_display(arr: np.ndarray, view: Dataset) -> tuple[np.ndarray, dict]:
-    """One decoded frame -> 2-D display values, and what was done to it."""
+def _to_display(arr: np.ndarray, view: Dataset) -> tuple[np.ndarray, dict, Levels | None]:
+    """One decoded frame -> 2-D display values, what was done to it, and (integer monochrome frames whose values
+    the LUTs changed) the same image as stored-value codes into a table of display values.
+
+    The table is pydicom's LUTs applied to every stored value from the frame's minimum to its maximum, so each
+    pixel gets exactly the value the LUTs give it, at the cost of one lookup instead of float arithmetic per pixel.
+    """
     photometric = _clean(view.get("PhotometricInterpretation"), _CS) or "MONOCHROME2"
     if not arr.dtype.isnative:  # big-endian files
         arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -357,18 +362,30 @@ def _to_display(arr: np.ndarray, view: Dataset) -> tuple[np.ndarray, dict]:
             "orig_dtype": arr.dtype.name, "voi": "none", "inverted": False, "rescaled": False}
     if photometric == "PALETTE COLOR" and arr.ndim == 2:
         rgb = apply_color_lut(arr, view)
-        return to_gray(rgb, mode="auto"), info
+        return to_gray(rgb, mode="auto"), info, None
     if arr.ndim == 3:  # RGB, or YBR already converted to RGB by pydicom
-        return to_gray(arr[..., :3], mode="rgb"), info
-    lo, hi = _stored_range(view, arr)
+        return to_gray(arr[..., :3], mode="rgb"), info, None
+    dmin, dmax = arr.min().item(), arr.max().item()
+    lo, hi = _stored_range(view, arr, dmin, dmax)
+    if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 2:
+        return _display(arr, view, lo, hi, info), info, None
+    table = _display(np.arange(dmin, dmax + 1, dtype=arr.dtype), view, lo, hi, info)
+    if not (info["rescaled"] or info["voi"] != "none" or info["inverted"]):
+        return arr, info, None  # stored values shown as they are
+    levels = Levels(offset_codes(arr, dmin), table)
+    return levels.image(), info, levels
+
+
+def _display(arr: np.ndarray, view: Dataset, lo: float, hi: float, info: dict) -> np.ndarray:
+    """Modality LUT / rescale -> VOI LUT or window -> MONOCHROME1 inversion, value by value (``info`` is updated)."""
     arr, lo, hi, info["rescaled"] = _modality(arr, view, lo, hi)
     arr, lo, hi, info["voi"] = _voi(arr, view, lo, hi)
-    if photometric == "MONOCHROME1":  # lo + hi - x; integer wrap-around cancels out as x is in [lo, hi]
+    if info["photometric"] == "MONOCHROME1":  # lo + hi - x; integer wrap-around cancels out as x is in [lo, hi]
         arr = np.asarray(lo + hi).astype(arr.dtype) - np.clip(arr, lo, hi).astype(arr.dtype, copy=False)
         info["inverted"] = True
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
-    return arr, info
+    return arr
 
 
 def read(path: Path, fmt: str, frames: Sequence[int] | None, *, max_pixels: int) -> list[Frame]:
@@ -387,6 +404,6 @@ def read(path: Path, fmt: str, frames: Sequence[int] | None, *, max_pixels: int)
     base = {k: meta[k] for k in ("modality", "transfer_syntax", "bits_stored")}
     out = []
     for i, arr in zip(idx, _decode_all(path, ds, ts, pixel_tag, idx, n)):
-        pixels, info = _to_display(arr, _frame_view(ds, i))
-        out.append(Frame(pixels=pixels, index=i, meta={**base, **info}))
+        pixels, info, levels = _to_display(arr, _frame_view(ds, i))
+        out.append(Frame(pixels=pixels, index=i, meta={**base, **info}, levels=levels))
     return out

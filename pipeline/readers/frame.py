@@ -9,6 +9,8 @@ import numpy as np
 
 from medsass.errors import InputError
 
+from ..levels import Levels
+
 DEFAULT_MAX_PIXELS = 2**28
 
 
@@ -19,11 +21,15 @@ class Frame:
     ``pixels`` is (H, W) after DICOM modality LUT -> VOI LUT/window -> MONOCHROME1 inversion and
     colour -> luma; not resized, not rescaled to uint8 (bilevel images are uint8 {0, 255}). It may be
     a read-only view of the decoded buffer: copy it before changing it in place. ``meta`` is JSON-safe and free of header text.
+    ``levels``, when a reader sets it, is the same image as integer codes into a table of display values
+    (``pixels == levels.values[levels.codes]``, e.g. a DICOM frame's stored values and its LUTs): prep histograms
+    and maps the codes instead of the pixels.
     """
 
     pixels: np.ndarray
     index: int
     meta: dict = field(default_factory=dict)
+    levels: Levels | None = None
 
 
 @dataclass

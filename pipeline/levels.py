@@ -1,0 +1,93 @@
+"""An image of few distinct values as integer codes into a table: ``image == values[codes]``.
+
+A DICOM frame's display values (modality LUT / rescale -> VOI LUT / window -> MONOCHROME1 inversion) are a
+function of its stored integer: the reader applies pydicom's functions once to the range of stored values present
+(a table of at most 65,536 entries) instead of to every pixel. Everything prep needs at full resolution then works
+on the codes: the histogram is one ``np.bincount`` (no float ``np.histogram``), the uint8 image one table lookup.
+
+numpy casts uint16 indices to intp before ``bincount`` and ``take``: that cast of a 4 M-pixel image costs more than
+the work itself, so both run over blocks of :data:`BLOCK` pixels that stay in cache (2-3x faster, same result).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+BLOCK = 1 << 16  # pixels per block of bincount / take
+MAX_CODES = 1 << 16
+
+
+@dataclass(frozen=True, eq=False)
+class Levels:
+    """``codes``: (H, W) uint8/uint16; ``values``: 1-D, the image value of each code (any dtype)."""
+
+    codes: np.ndarray
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.codes.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"codes must be uint8 or uint16, got {self.codes.dtype}")
+        if self.values.ndim != 1 or self.values.size == 0:
+            raise ValueError(f"values must be a non-empty 1-D table, got shape {self.values.shape}")
+
+    @classmethod
+    def of_integers(cls, arr: np.ndarray) -> Levels | None:
+        """The levels of a 2-D integer image of at most 16 bits, or None (wider or float dtype, range > 65,536)."""
+        if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 2 or arr.ndim != 2:
+            return None
+        if arr.dtype == np.uint8 or arr.dtype == np.uint16:
+            return cls(arr, np.arange(int(arr.max()) + 1, dtype=arr.dtype))
+        lo, hi = int(arr.min()), int(arr.max())
+        return cls(offset_codes(arr, lo), np.arange(lo, hi + 1, dtype=arr.dtype))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @cached_property
+    def counts(self) -> np.ndarray:
+        """Pixels per code (int64, one entry per code of ``values``)."""
+        return bincount(self.codes, self.values.size)
+
+    def counts_within(self, where: np.ndarray) -> np.ndarray:
+        """Pixels per code inside the bool mask ``where`` (counts the smaller side, subtracts when that is outside)."""
+        inside = np.count_nonzero(where)
+        if inside * 2 >= where.size:
+            return self.counts - bincount(self.codes[~where], self.values.size)
+        return bincount(self.codes[where], self.values.size)
+
+    def image(self) -> np.ndarray:
+        """The image itself, ``values[codes]``."""
+        return take(self.values, self.codes)
+
+    def strided(self, step: int) -> np.ndarray:
+        """``image()[::step, ::step]`` without making the full image."""
+        return self.values[self.codes[::step, ::step]]
+
+
+def offset_codes(arr: np.ndarray, lo: int) -> np.ndarray:
+    """``arr - lo`` as uint16 for an integer image whose values span at most 65,536 (wrap-around arithmetic)."""
+    view = arr.view(np.uint16) if arr.dtype.itemsize == 2 else arr.astype(np.uint16)
+    return view - np.uint16(lo & 0xFFFF) if lo else view
+
+
+def bincount(codes: np.ndarray, n: int) -> np.ndarray:
+    """``np.bincount(codes.ravel(), minlength=n)`` computed block by block; every code must be below ``n``."""
+    flat = codes.reshape(-1)
+    if flat.size <= BLOCK:
+        return np.bincount(flat, minlength=n)
+    out = np.zeros(n, np.int64)
+    for i in range(0, flat.size, BLOCK):
+        out += np.bincount(flat[i : i + BLOCK], minlength=n)
+    return out
+
+
+def take(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``table[codes]`` (same shape as ``codes``, table's dtype) computed block by block."""
+    out = np.empty(codes.shape, table.dtype)
+    flat, dst = codes.reshape(-1), out.reshape(-1)
+    for i in range(0, flat.size, BLOCK):
+        np.take(table, flat[i : i + BLOCK], out=dst[i : i + BLOCK])
+    return out
