@@ -9,17 +9,27 @@
 
 Polarity: ``"bright"`` keeps ``gray > threshold``, ``"dark"`` keeps ``gray <= threshold`` (skimage's convention:
 pixels equal to the threshold belong to the dark side).
+
+An image that comes with its :class:`~medsass.pipeline.levels.Levels` (integer codes into a table of values) is
+histogrammed by counting its codes (:class:`Values`): ``otsu`` is then skimage's ``threshold_otsu`` on the same
+histogram it would build from the pixels (per integer value, or 256 float bins over the same range with each value
+in the same bin), so the threshold is the same number.
 """
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 from PIL import Image
 from skimage import filters
 
+from .levels import Levels
 from .methods import METHODS
 
 
-def check_gray(gray: np.ndarray) -> np.ndarray:
+def check_gray(gray: np.ndarray, levels: Levels | None = None) -> np.ndarray:
+    """A 2-D integer or finite float image (bool is viewed as uint8); with ``levels``, the values its pixels use are
+    checked for NaN/inf instead of every pixel."""
     gray = np.asarray(gray)
     if gray.ndim != 2:
         raise ValueError(f"gray must be a 2-D array, got shape {gray.shape}; convert colour to gray first")
@@ -27,8 +37,12 @@ def check_gray(gray: np.ndarray) -> np.ndarray:
         return gray.view(np.uint8)
     if not (np.issubdtype(gray.dtype, np.integer) or np.issubdtype(gray.dtype, np.floating)):
         raise ValueError(f"gray must be integer or float, got dtype {gray.dtype}")
-    if np.issubdtype(gray.dtype, np.floating) and not np.isfinite(gray).all():
-        raise ValueError("gray contains NaN or inf; replace them or exclude them with valid=")
+    if levels is not None and levels.shape != gray.shape:
+        raise ValueError(f"levels have shape {levels.shape} but gray has shape {gray.shape}")
+    if np.issubdtype(gray.dtype, np.floating):
+        finite = np.isfinite(levels.values[levels.counts > 0]) if levels is not None else np.isfinite(gray)
+        if not finite.all():
+            raise ValueError("gray contains NaN or inf; replace them or exclude them with valid=")
     return gray
 
 
@@ -67,6 +81,70 @@ def histogram_u8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nz = np.flatnonzero(counts)
     lo, hi = int(nz[0]), int(nz[-1])
     return counts[lo : hi + 1], np.arange(lo, hi + 1)
+
+
+def otsu_of_counts(values: np.ndarray, counts: np.ndarray) -> float:
+    """skimage's Otsu threshold of an image holding ``counts[i]`` pixels of value ``values[i]`` (not constant).
+
+    The histogram is the one ``threshold_otsu`` builds from the pixels (:func:`threshold_value`'s dtype rules): one
+    bin per integer from min to max for integers up to 16 bits, else ``np.histogram``'s 256 bins over [min, max],
+    with the counts as weights (numpy bins each value alone, so every pixel lands in the same bin)."""
+    if values.dtype.kind in "ui" and values.dtype.itemsize <= 2:
+        lo, hi = int(values.min()), int(values.max())
+        hist = np.bincount(values.astype(np.int64) - lo, weights=counts, minlength=hi - lo + 1)
+        centers = np.arange(lo, hi + 1)
+    else:
+        v = values.astype(np.float64) if values.dtype.kind in "ui" else values
+        hist, edges = np.histogram(v, bins=256, weights=counts)
+        centers = (edges[:-1] + edges[1:]) / 2.0
+    return float(filters.threshold_otsu(hist=(hist, centers)))
+
+
+class Values:
+    """The pixel values of ``gray`` (within ``where``) that a threshold is computed from.
+
+    With ``levels`` (the same image as codes into a table), the size, range and Otsu threshold come from the counts
+    of the codes and the pixels are never gathered; other methods, and images without levels, use the pixels."""
+
+    def __init__(self, gray: np.ndarray, where: np.ndarray | None = None, levels: Levels | None = None):
+        self.gray, self.where, self.levels = gray, where, levels
+        self._thresholds: dict[str, float] = {}
+
+    @cached_property
+    def array(self) -> np.ndarray:
+        return self.gray if self.where is None else self.gray[self.where]
+
+    @cached_property
+    def tally(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(distinct codes' values, their pixel counts), codes without pixels left out; None without levels."""
+        if self.levels is None:
+            return None
+        counts = self.levels.counts if self.where is None else self.levels.counts_within(self.where)
+        used = np.flatnonzero(counts)
+        return self.levels.values[used], counts[used]
+
+    @property
+    def size(self) -> int:
+        return int(self.tally[1].sum()) if self.tally is not None else self.array.size
+
+    def min(self):
+        return self.tally[0].min() if self.tally is not None else self.array.min()
+
+    def max(self):
+        return self.tally[0].max() if self.tally is not None else self.array.max()
+
+    def is_constant(self) -> bool:
+        """No pixels, or all of one value."""
+        return self.size == 0 or self.min() == self.max()
+
+    def threshold(self, method: str) -> float:
+        """skimage's ``method`` threshold of these values (not constant)."""
+        if method not in self._thresholds:
+            if method == "otsu" and self.tally is not None:
+                self._thresholds[method] = otsu_of_counts(*self.tally)
+            else:
+                self._thresholds[method] = threshold_value(self.array, method)
+        return self._thresholds[method]
 
 
 def multiotsu(values: np.ndarray) -> tuple[float, float]:

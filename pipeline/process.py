@@ -97,14 +97,16 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             continue
         gray = frame.pixels
         try:
-            if gray.dtype.kind == "f" and not np.isfinite(gray).all():
+            levels = frame.levels  # codes into a table of values (DICOM): histograms and uint8 from the codes
+            values_of = levels.values[levels.counts > 0] if levels is not None else gray
+            if gray.dtype.kind == "f" and not np.isfinite(values_of).all():
                 raise InputError(e.source, "nonfinite", "image has NaN or infinite values")
             places = geometry.placements(gray.shape, size, mode, g["tile_overlap"])
             if len(places) != e.records_per_frame:
                 raise InputError(e.source, "frame_shape", f"frame {fidx} is {gray.shape}, unlike frame 0 {e.height}x{e.width}")
-            own = auto_polarity(gray, method=t["method"]) if store_qc else None
-            pm = pseudo_mask(gray, method=t["method"], polarity=store_polarity if store_qc else t["polarity"])
-            u8, low, high = to_uint8(gray, t["intensity"], str(frame.meta.get("orig_dtype", "")))
+            own = auto_polarity(gray, method=t["method"], levels=levels) if store_qc else None
+            pm = pseudo_mask(gray, method=t["method"], polarity=store_polarity if store_qc else t["polarity"], levels=levels)
+            u8, low, high = to_uint8(gray, t["intensity"], str(frame.meta.get("orig_dtype", "")), levels)
         except InputError as exc:
             if strict:
                 raise
