@@ -130,14 +130,19 @@ def _salt_option(salt: str | None, salt_file: str | None) -> str | None:
 
 
 def _build(inputs, dataset, label_opts, flag_map, sets, overwrite, retry_failed) -> int:
-    from .build import build
     from .config import IncompleteCommand, command_line_config
-    from .inspect_store import format_report, inspect_store
 
     try:
         cfg = command_line_config(inputs=inputs, dataset=dataset, labels=label_opts, flags=flag_map, overrides=sets)
     except IncompleteCommand as exc:
         raise click.UsageError(str(exc)) from None
+    if not cfg.runtime.scheduler:  # the local workers' fork server imports its modules while this process does
+        from .parallel import start_worker_server
+
+        start_worker_server()
+    from .build import build
+    from .inspect_store import format_report, inspect_store
+
     result = build(cfg, overwrite=overwrite, retry_failed=retry_failed)
     click.echo(format_report(inspect_store(result.store), max_list=10))
     if result.counts.get("failed"):

@@ -21,6 +21,20 @@ def test_local_workers_get_the_malloc_env_and_no_profiler(monkeypatch):
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is left as it was
 
 
+def _worker_start() -> tuple[str, bool, str | None]:
+    import multiprocessing
+    import sys
+
+    return (multiprocessing.get_start_method(allow_none=True) or "", "medsass.pipeline.process" in sys.modules,
+            os.environ.get("OPENBLAS_NUM_THREADS"))
+
+
+def test_local_workers_are_forked_with_prep_imported_and_dasks_thread_limits():
+    with dask_client(2, quiet=True) as client:
+        starts = list(client.run(_worker_start).values())  # before any task: nothing imported by a task yet
+    assert starts == [("forkserver", True, os.environ.get("OPENBLAS_NUM_THREADS", "1"))] * 2  # an existing value wins
+
+
 def test_environment_sets_variables_for_the_block_then_restores_all_of_them(monkeypatch):
     monkeypatch.setenv("MEDSASS_T_KEPT", "before")
     monkeypatch.delenv("MEDSASS_T_NEW", raising=False)
