@@ -24,6 +24,7 @@ from PIL import Image
 from skimage import filters
 
 from .levels import Levels
+from .mask_geometry import Blocks
 from .methods import METHODS
 
 
@@ -101,25 +102,32 @@ def otsu_of_counts(values: np.ndarray, counts: np.ndarray) -> float:
 
 
 class Values:
-    """The pixel values of ``gray`` (within ``where``) that a threshold is computed from.
+    """The pixel values of ``gray`` (within ``where``, a bool mask or :class:`Blocks`) that a threshold is computed from.
 
     With ``levels`` (the same image as codes into a table), the size, range and Otsu threshold come from the counts
     of the codes and the pixels are never gathered; other methods, and images without levels, use the pixels."""
 
-    def __init__(self, gray: np.ndarray, where: np.ndarray | None = None, levels: Levels | None = None):
+    def __init__(self, gray: np.ndarray, where: np.ndarray | Blocks | None = None, levels: Levels | None = None):
         self.gray, self.where, self.levels = gray, where, levels
         self._thresholds: dict[str, float] = {}
 
     @cached_property
     def array(self) -> np.ndarray:
-        return self.gray if self.where is None else self.gray[self.where]
+        if self.where is None:
+            return self.gray
+        return self.gray[self.where.full() if isinstance(self.where, Blocks) else self.where]
 
     @cached_property
     def tally(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(distinct codes' values, their pixel counts), codes without pixels left out; None without levels."""
         if self.levels is None:
             return None
-        counts = self.levels.counts if self.where is None else self.levels.counts_within(self.where)
+        if self.where is None:
+            counts = self.levels.counts
+        elif isinstance(self.where, Blocks):
+            counts = self.levels.counts_in_blocks(self.where.small, self.where.step)
+        else:
+            counts = self.levels.counts_within(self.where)
         used = np.flatnonzero(counts)
         return self.levels.values[used], counts[used]
 

@@ -21,7 +21,7 @@ import numpy as np
 from .field_of_view import CLEAN_MAX_SIDE, FOV_MAX_SIDE, clean, clean_small, field_of_view, field_of_view_small
 from .global_threshold import Values, apply_threshold, check_gray, check_valid, multiotsu
 from .levels import Levels
-from .mask_geometry import fill_holes, strided, upsample
+from .mask_geometry import Blocks, fill_holes, strided, upsample
 from .methods import FG_HIGH, FG_LOW, METHODS, PLAIN_METHODS, POLARITIES, REGION_METHODS, fg_flags  # noqa: F401 (re-exported)
 from .polarity import POLARITY_MAX_SIDE, choose_polarity  # noqa: F401 (re-exported)
 
@@ -130,9 +130,12 @@ def region_aware(gray: np.ndarray, values: Values, method: str, polarity: str, v
         small = field_of_view_small(gray, whole, valid)
         step = small[1] if small is not None else strided(gray.shape, FOV_MAX_SIDE)
         inside_small = small[0] if small is not None else np.ones(gray[::step, ::step].shape, bool)
-        full = np.ones(gray.shape, bool) if valid is None else valid
-        region = upsample(inside_small, step, gray.shape) & full
-        values = Values(gray, region if small is not None or valid is not None else None, whole.levels)
+        if valid is None:  # the field of view stays a mask of the strided copy unless a full one is needed
+            region = Blocks(inside_small, step, gray.shape)
+            values = Values(gray, region if small is not None else None, whole.levels)
+        else:
+            region = upsample(inside_small, step, gray.shape) & valid
+            values = Values(gray, region, whole.levels)
         if values.is_constant():
             return PseudoMask(np.zeros(gray.shape, bool), float(whole.min()), pol, 0.0, ("constant",), method)
     if base == "multiotsu":
@@ -144,6 +147,8 @@ def region_aware(gray: np.ndarray, values: Values, method: str, polarity: str, v
         m = apply_threshold(gray[::step, ::step], threshold, pol, inside_small)
         hulls = clean_small(m, inside_small, hull=True) & inside_small
         return result(upsample(fill_holes(hulls), step, gray.shape), threshold, pol, method)
+    if isinstance(region, Blocks):
+        region = region.full()
     mask = apply_threshold(gray, threshold, pol, region)
     if cleanup is not None:
         if pol == "dark":

@@ -34,8 +34,28 @@ def test_touching_equals_binary_propagation():
 
 
 def test_fill_holes_equals_scipy():
+    borders = set()
     for x in random_masks(80, 4):
         assert np.array_equal(mg.fill_holes(x), ndi.binary_fill_holes(x))
+        labels, _ = ndi.label(~x)
+        borders.add(min(len(set(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])) - {0}), 4))
+    assert borders == {0, 1, 2, 3, 4}  # both ways of filling are exercised (few border components, or many)
+
+
+@pytest.mark.parametrize("n_border", [0, 1, 2, 3, 4, 6])
+def test_fill_holes_with_a_known_number_of_surrounds(n_border):
+    """Rings (each with a hole) in a background split into n_border pieces on the border by full-width bars."""
+    x = np.zeros((40, 12 * max(n_border, 1)), bool)
+    for k in range(max(n_border, 1)):
+        x[10:19, 12 * k + 2 : 12 * k + 11] = True
+        x[13:16, 12 * k + 5 : 12 * k + 8] = False  # the hole
+    if n_border == 0:
+        x[[0, -1]] = x[:, [0, -1]] = True  # a frame: the whole background is enclosed
+    else:
+        for k in range(1, n_border):
+            x[:, 12 * k] = True  # a bar cuts the surround
+    got = mg.fill_holes(x)
+    assert np.array_equal(got, ndi.binary_fill_holes(x)) and got[14, 6]
 
 
 def test_largest_equals_skimage_largest_region():
