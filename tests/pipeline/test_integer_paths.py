@@ -12,7 +12,7 @@ from medsass.pipeline import levels as lv
 from medsass.pipeline.field_of_view import clean, field_of_view
 from medsass.pipeline.global_threshold import Values, apply_threshold, otsu_of_counts
 from medsass.pipeline.intensity import linear_uint8, to_uint8
-from medsass.pipeline.mask_geometry import fill_holes
+from medsass.pipeline.mask_geometry import Blocks, fill_holes, upsample
 from medsass.pipeline.readers import dicom as dicom_reader
 from medsass.pipeline.threshold import METHODS, pseudo_mask
 from pydicom.dataset import Dataset
@@ -81,6 +81,21 @@ def test_counts_within_a_region(inside):
     where = RNG.random(img.shape) < inside
     levels = lv.Levels.of_integers(img)
     np.testing.assert_array_equal(levels.counts_within(where), np.bincount(img[where], minlength=levels.values.size))
+
+
+@pytest.mark.parametrize("shape,step", [((100, 90), 3), ((96, 96), 3), ((7, 5), 4), ((3, 2), 4), ((50, 70), 1),
+                                        ((200, 130), 8)])  # partial last blocks, a single block, stride 1
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_counts_in_blocks_equal_the_upsampled_mask(shape, step, fraction):
+    img = RNG.integers(0, 500, shape).astype(np.uint16)
+    small = RNG.random((-(-shape[0] // step), -(-shape[1] // step))) < fraction
+    full = upsample(small, step, shape)
+    levels = lv.Levels.of_integers(img)
+    np.testing.assert_array_equal(levels.counts_in_blocks(small, step), np.bincount(img[full], minlength=levels.values.size))
+    if step > 1:
+        np.testing.assert_array_equal(np.sort(lv.block_pixels(img, small, step)), np.sort(img[full]))
+    v = Values(img, Blocks(small, step, shape), levels)
+    assert v.size == full.sum() and (v.is_constant() or v.threshold("otsu") == Values(img, full).threshold("otsu"))
 
 
 # ----------------------------------------------------------------------------- Otsu from counted codes
