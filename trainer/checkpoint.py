@@ -16,6 +16,8 @@ A checkpoint is a plain dict of tensors and plain data (so the safe loader reads
     stores          store name -> {"path", "manifest_digest", "prep"}; prep = the store's prep parameters
                     {"size", "geometry": {size, resize, tile, tile_overlap, max_pixels},
                     "threshold": {method, polarity, intensity}} that ``medsass-train predict`` repeats
+    encoder_weights the model.encoder_weights this stage started from: {"name"} or {"file", "sha256"}; None when
+                    it started from random weights or from a checkpoint (medsass.trainer.weights.identity)
     medsass_version, torch_version
 """
 from __future__ import annotations

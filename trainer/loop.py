@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,14 +26,16 @@ from medsass.trainer.data import ShardStream, Source, make_loader
 from medsass.trainer.distributed import DistInfo
 from medsass.trainer.evaluate import EvalSource, val_iou
 from medsass.trainer.losses import LossFn, build_loss
-from medsass.trainer.model import build_model, freeze_unused, load_weights, model_args
+from medsass.trainer.model import build_model, freeze_unused, init_encoder, load_weights, model_args
 from medsass.trainer.precision import amp_dtype, use_channels_last
 from medsass.trainer.targets import BINARY, PROBABILITY, TARGET_TRANSFORMS, TargetTransform, binary_target, is_soft_target
+from medsass.trainer.weights import describe, replaced_since
 from torch import nn
 from tqdm.auto import tqdm
 
 from medsass import configio, manifest
 from medsass.atomic import atomic_write_bytes
+from medsass.errors import MedsassWarning
 from medsass.jsonl import read_jsonl
 
 
@@ -96,6 +99,12 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
+
+    def note(self, step: int, text: str, *, echo: bool = True) -> None:
+        """A line of text in the log (``{"step", "note", "time"}``), and on stderr with ``echo``."""
+        self.write({"step": step, "note": text, "time": time.time()})
+        if echo and self.enabled:
+            print(f"medsass: {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -237,7 +246,9 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     stage, scfg, rt = plan.stage, getattr(config, plan.stage), config.runtime
     ck.seed_everything(config.seed)
     # model.encoder_weights initialise only a stage that starts from nothing, and never under a resume
-    model = build_model(config.model, init_weights=plan.resume is None and plan.init == "scratch")
+    model = build_model(config.model)
+    loaded = init_encoder(model, config.model) if plan.resume is None and plan.init == "scratch" else None
+    init_id = loaded["identity"] if loaded else (plan.resume or {}).get("encoder_weights")  # kept across resumes
     if plan.resume is None and plan.init in ("end_to_end", "encoder_only"):
         load_weights(model, ck.load(plan.source)["model"], parts="all" if plan.init == "end_to_end" else "encoder")
     model.to(dist.device)
@@ -274,7 +285,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         out = {"kind": kind, "stage": stage, "model": model.state_dict(), "model_args": model_args(config.model),
                "mode": mode, "step": st.step, "batches": st.batches, "best": st.best, "config": configio.to_dict(config),
                "section": stage_section(config, stage), "stores": digests, "num_workers": rt.num_workers,
-               "world_size": dist.world_size, "rng": ck.capture_rng()}
+               "world_size": dist.world_size, "rng": ck.capture_rng(), "encoder_weights": init_id}
         return {**out, **loop.state_dict()} if kind == "last" else out
 
     def checkpoint(kind: str, st: LoopState) -> None:
@@ -284,6 +295,12 @@ def run_training(config, plan, dist) -> dict[str, Any]:
             ck.save(plan.dir / f"{kind}.pt", payload(kind, st))
 
     log = MetricsLog(plan.dir / "metrics.jsonl", enabled=dist.is_main, resume_step=state.step, tensorboard=rt.tensorboard)
+    if loaded:
+        log.note(state.step, describe(loaded))
+    replaced = replaced_since(init_id, config.model.encoder_weights) if plan.resume is not None and dist.is_main else None
+    if replaced:
+        log.note(state.step, replaced, echo=False)
+        warnings.warn(replaced, MedsassWarning, stacklevel=2)
     try:
         with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
             loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage)

@@ -33,10 +33,10 @@ def model_args(cfg: ModelConfig) -> dict[str, Any]:
 
 def check_encoder(name: str) -> None:
     """Raise ConfigError listing the valid names when smp (or timm, for ``tu-*``) lacks ``name``."""
-    import segmentation_models_pytorch as smp
+    import segmentation_models_pytorch as smp  # lazy: 2.9 s to import (-X importtime, after torch); --help needs none
 
     if name.startswith("tu-"):
-        import timm
+        import timm  # lazy: already imported by smp above; kept beside its only use
 
         base = name[3:].split(".")[0]  # tu-<model>[.<pretrained tag>]
         if not timm.is_model(base):
@@ -63,14 +63,23 @@ def build_model(cfg: ModelConfig | dict[str, Any], *, init_weights: bool = False
     spec = cfg.encoder_weights if isinstance(cfg, ModelConfig) else None
     model = _unet(args)
     if spec is not None and init_weights:
-        weights.load_encoder_weights(model, args, spec)
+        init_encoder(model, cfg)
     elif spec is not None and not weights.is_file(spec):
         weights.check_weights(args["encoder_name"], spec)
     return model
 
 
+def init_encoder(model, cfg: ModelConfig) -> dict[str, Any] | None:
+    """Load ``cfg.encoder_weights`` into the encoder of ``model`` (built from ``cfg``); what was loaded, or None.
+
+    The report's ``identity`` goes into checkpoints and ``weights.describe(report)`` is the log line."""
+    if cfg.encoder_weights is None:
+        return None
+    return weights.load_encoder_weights(model, model_args(cfg), cfg.encoder_weights)
+
+
 def _unet(args: dict[str, Any]):
-    import segmentation_models_pytorch as smp
+    import segmentation_models_pytorch as smp  # lazy: 2.9 s to import (-X importtime, after torch); --help needs none
 
     if args.get("arch", ARCH) != ARCH:
         raise ConfigError(f"model arch {args['arch']!r} is not supported (only {ARCH})")

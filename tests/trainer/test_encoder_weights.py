@@ -3,6 +3,7 @@ name the file and the encoder, the offline message naming the cache folder, and 
 stage that starts from nothing (never a resume, a fine-tune from a checkpoint, evaluate or predict). Nothing downloads."""
 from __future__ import annotations
 
+import json
 import socket
 import warnings
 from pathlib import Path
@@ -20,7 +21,8 @@ from medsass.trainer.run import plan_run, run_stages
 from PIL import Image
 
 from medsass import store as store_mod
-from medsass.errors import ConfigError
+from medsass.errors import ConfigError, MedsassWarning
+from medsass.manifest import file_digest
 from medsass.testing import make_synthetic_store
 
 torch.set_num_threads(1)
@@ -86,10 +88,71 @@ def test_torchvision_resnet_checkpoint_rgb_conv_summed_head_ignored(tmp_path):
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(tv, tmp_path / "resnet18.pth")
-    with pytest.warns(UserWarning, match=r"2 tensor\(s\) of .*resnet18.pth are not part of encoder 'resnet18'.*fc.weight"):
+    with pytest.warns(UserWarning, match=r"2 tensor\(s\) of .*resnet18.pth are a classifier head, not part of encoder "
+                                         r"'resnet18'.*fc.weight, fc.bias\)$"):
         model = build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "resnet18.pth")), init_weights=True)
     assert torch.equal(model.encoder.conv1.weight, tv["conv1.weight"].sum(1, keepdim=True))  # as smp does for imagenet
     assert torch.equal(model.encoder.layer4[1].conv2.weight, tv["layer4.1.conv2.weight"])
+
+
+def test_the_log_line_and_the_identity_name_the_source(tmp_path):
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    model = build_model(ModelConfig(encoder="resnet18"))
+    with pytest.warns(UserWarning, match="classifier head"):
+        report = weights.load_encoder_weights(model, model_args(ModelConfig(encoder="resnet18")), str(tmp_path / "resnet18.pth"))
+    digest = file_digest(tmp_path / "resnet18.pth")
+    assert report["identity"] == {"file": str(tmp_path / "resnet18.pth"), "sha256": digest}
+    n = len(model.encoder.state_dict())
+    assert weights.describe(report) == (f"encoder weights resnet18.pth (sha256 {digest[:12]}) -> encoder resnet18: {n} "
+                                        "tensors loaded, 2 ignored (classifier head), first conv summed over its 3 RGB "
+                                        "input channels")
+    named = {"identity": weights.identity("imagenet"), "encoder": "resnet18", "tensors": n, "ignored": [], "adapted": []}
+    assert weights.describe(named) == f"encoder weights imagenet -> encoder resnet18: {n} tensors loaded, 0 ignored"
+    # a resume warns only when the recorded file now hashes differently
+    assert weights.replaced_since(report["identity"], str(tmp_path / "resnet18.pth")) is None
+    assert weights.replaced_since({"name": "imagenet"}, "imagenet") is None
+    assert weights.replaced_since(None, str(tmp_path / "resnet18.pth")) is None
+    assert weights.replaced_since(report["identity"], str(tmp_path / "gone.pth")) is None  # not needed to resume
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "resnet18.pth")
+    msg = weights.replaced_since(report["identity"], str(tmp_path / "resnet18.pth"))
+    assert msg and digest[:12] in msg and file_digest(tmp_path / "resnet18.pth")[:12] in msg and "resnet18.pth" in msg
+
+
+def test_a_deeper_sibling_is_refused_naming_its_extra_tensors(tmp_path):
+    """resnet34 holds every resnet18 tensor with the same shape: only its extra blocks tell it apart, so they refuse it."""
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "resnet34.pth")), init_weights=True)
+    msg = str(err.value)
+    for words in (str(tmp_path / "resnet34.pth"), "encoder 'resnet18'", "96 tensor(s) the encoder lacks",
+                  "not a classifier head", "layer1.2.conv1.weight", "Set model.encoder", "resnet34"):
+        assert words in msg, (words, msg)
+    assert "fc.weight" not in msg  # the head is not what is wrong
+    with pytest.warns(UserWarning, match="fc.weight"):  # the right encoder: only its head is left out
+        loaded = build_model(ModelConfig(encoder="resnet34", encoder_weights=str(tmp_path / "resnet34.pth")), init_weights=True)
+    assert loaded.encoder.layer1[2].conv1.weight.shape == (64, 64, 3, 3)
+
+
+@pytest.mark.parametrize(("key", "head"), [("fc.weight", True), ("classifier.1.bias", True), ("model.head.fc.weight", True),
+                                           ("model.conv_head.weight", True), ("last_linear.weight", True),
+                                           ("_fc.weight", True), ("layer4.2.conv1.weight", False),
+                                           ("model.blocks.3.conv_pw.weight", False), ("headless.weight", False),
+                                           ("features.norm5.weight", False), ("model.stages.3.fc.weight", False)])
+def test_only_a_classifier_head_counts_as_a_head(key, head):
+    assert weights.is_head(key) is head
+
+
+def test_timm_checkpoint_of_a_staged_model_maps_to_the_feature_net_names(tmp_path):
+    """timm's features_only wrapper names convnext's ``stages.0`` ``stages_0``: a timm checkpoint still fits."""
+    torch.manual_seed(0)
+    state = timm.create_model("convnext_atto", pretrained=False).state_dict()
+    torch.save(state, tmp_path / "convnext_atto.pth")
+    with pytest.warns(UserWarning, match=r"4 tensor\(s\) .* classifier head.*head.norm.weight"):
+        model = build_model(ModelConfig(encoder="tu-convnext_atto", encoder_weights=str(tmp_path / "convnext_atto.pth")),
+                            init_weights=True)
+    enc = model.encoder.model
+    assert torch.equal(enc.stages_3.blocks[1].conv_dw.weight, state["stages.3.blocks.1.conv_dw.weight"])
+    assert torch.equal(enc.stem_0.weight, state["stem.0.weight"].sum(1, keepdim=True))
 
 
 def test_timm_checkpoint_for_a_tu_encoder_as_safetensors(tmp_path):
@@ -181,10 +244,15 @@ def run_killed_before_done(monkeypatch, cfg) -> None:
     monkeypatch.setattr(manifest, "write_json", real)
 
 
-def test_weights_initialise_the_first_stage_only(tmp_path, monkeypatch, no_network):
+def notes(stage_dir: Path) -> list[str]:
+    return [r["note"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "note" in r]
+
+
+def test_weights_initialise_the_first_stage_only(tmp_path, monkeypatch, no_network, capsys):
     from medsass.trainer.predict import predict
 
     state = tiny_encoder_file(tmp_path / "enc.pt")
+    first = file_digest(tmp_path / "enc.pt")
     store = with_prep_params(make_synthetic_store(tmp_path / "s.zarr", n=24, size=32))
     calls = []
     real = weights.load_encoder_weights
@@ -207,13 +275,25 @@ def test_weights_initialise_the_first_stage_only(tmp_path, monkeypatch, no_netwo
     cfg = config("run")
     run_killed_before_done(monkeypatch, cfg)  # pretrain: loaded once, then killed before its done marker
     assert calls == [str(tmp_path / "enc.pt")]
-    run_stages(cfg)  # resume pretrain from last.pt, then finetune end_to_end from it, then evaluate: no second load
+    line = f"encoder weights enc.pt (sha256 {first[:12]}) -> encoder {TINY}: {len(state)} tensors loaded, 0 ignored"
+    assert notes(tmp_path / "run" / "pretrain") == [line]  # the run's log, and stderr
+    assert f"medsass: {line}\n" in capsys.readouterr().err
+    recorded = {"file": str(tmp_path / "enc.pt"), "sha256": first}
+    assert ck.load(tmp_path / "run" / "pretrain" / "last.pt")["encoder_weights"] == recorded
+    tiny_encoder_file(tmp_path / "enc.pt", seed=8)  # replaced in place before the resume: warned, not reloaded
+    second = file_digest(tmp_path / "enc.pt")
+    with pytest.warns(MedsassWarning, match=rf"enc.pt changed since .*sha256 {first[:12]} then, {second[:12]} now"):
+        run_stages(cfg)  # resume pretrain from last.pt, then finetune end_to_end from it, then evaluate: no second load
     assert len(calls) == 1
+    assert len(notes(tmp_path / "run" / "pretrain")) == 2 and "changed since" in notes(tmp_path / "run" / "pretrain")[1]
+    assert not notes(tmp_path / "run" / "finetune")  # started from the pretrain checkpoint: nothing loaded
     final = ck.load(tmp_path / "run" / "pretrain" / "final.pt")
+    assert final["encoder_weights"] == recorded  # what it started from, kept across the resume
     enc = {k[len("encoder."):]: v for k, v in final["model"].items() if k.startswith("encoder.") and v.ndim == 4}
-    assert max(float((enc[k] - state[k]).abs().max()) for k in enc) < 1e-6  # started from the file (lr 1e-9)
+    assert max(float((enc[k] - state[k]).abs().max()) for k in enc) < 1e-6  # started from the first file (lr 1e-9)
     tuned = ck.load(tmp_path / "run" / "finetune" / "final.pt")
     assert "encoder_weights" not in tuned["model_args"] and tuned["config"]["model"]["encoder_weights"]
+    assert tuned["encoder_weights"] is None
     (tmp_path / "enc.pt").unlink()  # evaluate and predict need no weights file (nor a download)
     run_stages(cfg, ["evaluate"], restart=True)
     Image.new("L", (40, 30), 90).save(tmp_path / "in.png")
