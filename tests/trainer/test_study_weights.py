@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 from click.testing import CliRunner
+from matplotlib.colors import to_hex
 from medsass.trainer import checkpoint as ck
 from medsass.trainer.cli import main
 from medsass.trainer.config import ModelConfig
@@ -66,7 +67,7 @@ def close_to(state: dict[str, torch.Tensor], encoder: dict[str, torch.Tensor]) -
     return bool(convs) and all(float((state[k] - encoder[k]).abs().max()) < 1e-6 for k in convs)
 
 
-def test_weight_arms_run_report_and_leave_other_keys_alone(tmp_path):
+def test_weight_arms_run_report_and_leave_other_keys_alone(tmp_path, monkeypatch):
     (tmp_path / "weights").mkdir()
     enc = encoder_file(tmp_path / "weights" / "enc.pt", seed=7)
     runner = CliRunner()
@@ -79,6 +80,10 @@ def test_weight_arms_run_report_and_leave_other_keys_alone(tmp_path):
     assert all(with_weights[label] == key for label, key in before.items())  # the existing arms' keys are unchanged
     assert len(with_weights) == len(before) + 5  # weights x 2 budgets, its pretraining, weights_end_to_end x 2
 
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))  # keep what the plot drew
     res = runner.invoke(main, ["study", str(path)])
     assert res.exit_code == 0, res.output
     rows = list(ledger.read_ledger(tmp_path / "results").values())
@@ -108,6 +113,16 @@ def test_weight_arms_run_report_and_leave_other_keys_alone(tmp_path):
     scratch = ck.load(tmp_path / "out" / "runs" / "synth" / "scratch" / "seed0" / "n001" / "finetune" / "best.pt")
     assert not close_to({k[8:]: v for k, v in scratch["model"].items() if k.startswith("encoder.")}, enc)
 
+    assert (tmp_path / "results" / "synth.png").stat().st_size > 1000
+    (fig,) = [f for f in figures if f is not None and f.axes and f.axes[0].get_title().startswith("synth")]
+    for ax in fig.axes:  # test and site panels: every arm its own colour and marker, the weights' zero-shot dashed
+        drawn = {line.get_label(): (to_hex(line.get_color()), line.get_marker(), line.get_linestyle())
+                 for line in ax.get_lines()}
+        assert drawn["init weights"] == (to_hex("tab:olive"), "P", "-")
+        assert drawn["init weights + end-to-end"] == (to_hex("tab:cyan"), "X", "-")
+        assert drawn["init weights + pretrain, zero-shot (no labels)"][::2] == (to_hex("tab:brown"), "--")
+        solid = [style[:2] for style in drawn.values() if style[2] == "-"]
+        assert len(solid) == 4 and len(set(solid)) == 4 and len({c for c, _ in solid}) == 4, drawn
     table = (tmp_path / "results" / "table.md").read_text()
     for text in ("Init weights of the arms", "`enc.pt`", "| init weights |", "init weights + end-to-end",
                  "init weights + pretrain, zero-shot (no labels)", "init weights − scratch",
@@ -132,3 +147,13 @@ def test_weight_arms_need_init_weights_and_it_needs_them(tmp_path):
     assert res.exit_code == 2 and "no such file" in res.output and "missing.pt" in res.output, res.output
     res = runner.invoke(main, ["study", str(write_study(tmp_path, ["scratch", "weights"], "imagenet")), "--dry-run"])
     assert res.exit_code == 0 and "synth/weights-imagenet/seed0/n001" in res.output, res.output  # a name: nothing fetched
+
+
+def test_every_arm_has_its_own_plot_style():
+    from medsass.trainer.study.plot import FALLBACK, LINE_COLORS, STYLE
+    from medsass.trainer.study.spec import ARMS, WEIGHT_ARMS
+
+    styles = [STYLE[a] for a in ARMS + WEIGHT_ARMS]
+    assert FALLBACK not in styles and len({c for c, _ in styles} | {FALLBACK[0]}) == len(styles) + 1
+    assert len({m for _, m in styles}) == len(styles)
+    assert not {c for c, _ in styles} & set(LINE_COLORS.values()) and len(set(LINE_COLORS.values())) == len(LINE_COLORS)

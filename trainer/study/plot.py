@@ -1,5 +1,6 @@
 """One figure per dataset: test IoU against labeled images (log x), one line per arm with its 95% interval; the
-pseudo-mask floor and the zero-shot model as dashed lines; a second panel per cross-site evaluation."""
+pseudo-mask floor and the zero-shot models (also the init weights' pretraining) as dashed lines; a second panel per
+cross-site evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,11 @@ if TYPE_CHECKING:
     from medsass.trainer.study.report import Index
     from medsass.trainer.study.spec import Study
 
+# (colour, marker) per fine-tuned arm; the dashed no-label lines have their own colours (LINE_COLORS)
 STYLE = {"scratch": ("tab:gray", "o"), "end_to_end": ("tab:red", "s"), "encoder_only": ("tab:orange", "^"),
-         "ssl": ("tab:blue", "D")}
+         "ssl": ("tab:blue", "D"), "weights": ("tab:olive", "P"), "weights_end_to_end": ("tab:cyan", "X")}
+FALLBACK = ("tab:green", "v")  # an arm without a style of its own
+LINE_COLORS = {"floor": "black", "zero_shot": "tab:purple", "weights_zero_shot": "tab:brown"}
 
 
 def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], path: Path) -> bool:
@@ -34,13 +38,13 @@ def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list
             pts = [(n, e) for n, e in pts if e is not None]
             if not pts:
                 continue
-            color, marker = STYLE.get(arm, ("tab:green", "v"))
+            color, marker = STYLE.get(arm, FALLBACK)
             ls = "-" if target == d.main_target else ":"
             xs = [n for n, _ in pts]
             ax.plot(xs, [e.mean for _, e in pts], ls, color=color, marker=marker, label=arm_label(arm, target, d.main_target))
             ax.fill_between(xs, [e.lo for _, e in pts], [e.hi for _, e in pts], color=color, alpha=0.15)
             drawn = True
-        for arm, color in (("floor", "black"), ("zero_shot", "tab:purple")):
+        for arm, color in LINE_COLORS.items():
             e = idx.arm((d.name, where, d.main_target, arm, 0, 1), study.bootstrap)
             if e is not None:
                 ax.axhline(e.mean, color=color, ls="--", lw=1, label=f"{arm_label(arm, d.main_target, d.main_target)} (no labels)")
