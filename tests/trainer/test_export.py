@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import onnxruntime
 import pytest
@@ -16,8 +17,9 @@ from click.testing import CliRunner
 from medsass.trainer import checkpoint as ck
 from medsass.trainer.cli import main
 from medsass.trainer.demo import run_demo
-from medsass.trainer.export import JSON_NAME, OPSET, apply_exported, export
-from medsass.trainer.predict import frame_canvases, load_model, predict, prep_from_checkpoint
+from medsass.pipeline.readers import read
+from medsass.trainer.export import JSON_NAME, OPSET, apply_exported, export, volume_description, volume_steps
+from medsass.trainer.predict import PrepParams, frame_canvases, load_model, predict, prep_from_checkpoint
 from PIL import Image
 
 torch.set_num_threads(1)
@@ -40,6 +42,16 @@ def onnx_dir(trained, tmp_path_factory) -> Path:
     res = CliRunner().invoke(main, ["export", str(trained.parents[1]), "--format", "onnx", "--out", str(out)])
     assert res.exit_code == 0, res.output
     return out
+
+
+def with_prep(state: dict, path: Path, geometry: dict | None = None, threshold: dict | None = None) -> Path:
+    """A copy of the checkpoint ``state`` whose stores record other prep parameters, saved at ``path``."""
+    changed = json.loads(json.dumps(state["stores"], default=str))
+    for rec in changed.values():
+        rec["prep"]["geometry"].update(geometry or {})
+        rec["prep"]["threshold"].update(threshold or {})
+    torch.save({**state, "stores": changed}, path)
+    return path
 
 
 def masks_of(folder: Path) -> dict[str, np.ndarray]:
@@ -114,11 +126,7 @@ def test_pad_and_tile_geometries_on_larger_non_square_and_colour_images(trained,
     images = [tmp_path / "wide.tif", tmp_path / "small.png"]
     state = ck.load(trained)
     for mode, geometry in (("pad", {"resize": "pad", "tile": False}), ("tile", {"tile": True, "tile_overlap": 40})):
-        changed = json.loads(json.dumps(state["stores"], default=str))
-        for rec in changed.values():
-            rec["prep"]["geometry"].update(geometry)
-        path = tmp_path / f"{mode}.pt"
-        torch.save({**state, "stores": changed}, path)
+        path = with_prep(state, tmp_path / f"{mode}.pt", geometry)
         predict(path, images, tmp_path / f"pred_{mode}", device="cpu")
         predicted = masks_of(tmp_path / f"pred_{mode}")
         meta = export(path, tmp_path / f"export_{mode}", fmt="torchscript")
@@ -126,3 +134,47 @@ def test_pad_and_tile_geometries_on_larger_non_square_and_colour_images(trained,
         worst, differ = compare(predicted, tmp_path / f"export_{mode}", images)
         assert worst >= 0.999 and differ == 0, (mode, worst, differ)
         assert all(0 < m.mean() < 255 for m in predicted.values())  # both classes present
+
+
+def nuclei_volume(path: Path, n: int = 5) -> Path:
+    """A CT-like volume (int16 HU, RAS axes, anisotropic voxels) whose coronal slices are sample tiles mapped onto
+    -160..240 HU: the soft-tissue window gives the images back; the axial slices look nothing like them."""
+    tiles = [tifffile.imread(f).astype(np.float32) for f in sorted(SAMPLE.glob("*.tif"))[:n]]
+    hu = np.stack([t / t.max() * 400 - 160 for t in tiles], axis=1)  # (128, n, 128): voxel axis j (A) is coronal
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.round(hu).astype(np.int16), np.diag([0.8, 2.0, 0.8, 1.0])), str(path))
+    return path
+
+
+def test_a_volume_store_exports_its_slice_axis_and_window_and_apply_exported_repeats_them(trained, tmp_path):
+    path = with_prep(ck.load(trained), tmp_path / "volume.pt", {"slice_axis": "coronal"}, {"window": "soft-tissue"})
+    meta = export(path, tmp_path / "export", fmt="torchscript")
+    assert json.loads((tmp_path / "export" / JSON_NAME).read_text()) == json.loads(json.dumps(meta))
+    assert (meta["preprocessing"]["slice_axis"], meta["preprocessing"]["window"]) == ("coronal", "soft-tissue")
+    assert meta["volume"] == {"slice_axis": "coronal", "canonical_axis": 1, "window": {
+        "spec": "soft-tissue", "center": 40.0, "width": 400.0, "low": -160.0, "high": 240.0}}
+    cut, window = meta["steps"][:2]
+    assert "RAS+" in cut and "cut it coronally, across canonical axis 1 (A)" in cut and "[:, k], then [::-1, ::-1].T" in cut
+    assert "from low = -160 to high = 240 onto 0..255" in window and "skips the intensity step" in window
+    src = nuclei_volume(tmp_path / "in" / "vol.nii.gz")
+    rows = predict(path, [src], tmp_path / "pred", device="cpu")
+    assert rows[0]["status"] == "ok" and rows[0]["frames"] == 5
+    label = read(tmp_path / "pred" / rows[0]["mask"], "nifti", None, slice_axis="coronal")  # predict's volume, sliced
+    mine = apply_exported(tmp_path / "export", src)
+    assert len(mine) == len(label) == 5
+    for a, b in zip(mine, label):
+        assert a.shape == b.pixels.shape == (128, 128) and np.array_equal(a > 0, b.pixels > 0)
+    fg = np.mean([m.mean() / 255 for m in mine])
+    assert 0.02 < fg < 0.9, fg  # nuclei found: the slices were cut and windowed as in training
+
+
+def test_volume_steps_without_a_window_and_with_percentiles():
+    plain = PrepParams(64, "stretch")
+    assert volume_description(plain) == {"slice_axis": "axial", "canonical_axis": 2, "window": None}
+    cut, how = volume_steps(plain)
+    assert "cut it axially, across canonical axis 2 (S)" in cut and "[:, :, k]" in cut and "anterior -> posterior" in cut
+    assert how.startswith("no window: each slice goes through the intensity step")
+    mr = PrepParams(64, "stretch", window="percentile", slice_axis="sagittal")
+    assert volume_description(mr)["window"] == {"spec": "percentile", "percentiles": [0.5, 99.5]}
+    cut, how = volume_steps(mr)
+    assert "across canonical axis 0 (R)" in cut and "[k]" in cut and "0.5th and 99.5th percentiles" in how
