@@ -2,7 +2,8 @@
 
 Masks pair with the stored records as in build-masks (:class:`~.labels.LabelIndex`: a folder plus a file-name
 template over each record's ``source_rel``, or a pairs CSV whose ``image`` column may also hold a ``sample_id`` or
-``source_rel``). They are read and binarised by build-masks' own code (``process.read_mask``) and placed with each
+``source_rel``). They are read and binarised by build-masks' own code (``process.read_mask``; a label volume cut across
+the store's ``geometry.slice_axis`` and checked against its image's voxel grid) and placed with each
 record's stored geometry (the manifest's crop_* / content_* / resize_mode) through ``process.place_label``, so a
 label added later is byte-identical to the one build-masks stores for the same mask.
 
@@ -66,22 +67,23 @@ def add_labels(store_path: str | Path, *, labels_dir: str | None = None, pattern
     run = home / "run"
     with _lock(home):
         df = manifest.read_manifest(out)  # under the lock: as the last add-labels left it
+        params = (info.attrs.get("params") or {}).get("geometry") or {}
+        max_pixels = int(params.get("max_pixels", 2**28))
+        slice_axis = params.get("slice_axis")  # volumes: label volumes are cut as the store's images were
         for old in home.glob("run.finished-*"):  # a finished run killed while its folder was being removed
             shutil.rmtree(old, ignore_errors=True)
         plan = pending_plan(out, run, request)
         if plan is None:
             shutil.rmtree(run, ignore_errors=True)  # killed before its plan existed: it wrote nothing
-            plan = make_plan(out, df, request)
+            plan = make_plan(out, df, request, slice_axis)
             manifest.write_json(plan, run / "plan.json")
         rows = record_facts(df, {it["row"] for it in plan["items"]})
-        params = (info.attrs.get("params") or {}).get("geometry") or {}
-        max_pixels = int(params.get("max_pixels", 2**28))
         by_shard: dict[int, list[dict]] = {}
         for it in plan["items"]:
             by_shard.setdefault(it["row"] // info.shard_records, []).append(it)
         for shard, items in sorted(by_shard.items()):
             if not done_path(run, shard).exists():
-                write_shard(group, info, run, shard, items, rows, max_pixels)
+                write_shard(group, info, run, shard, items, rows, max_pixels, slice_axis=slice_axis)
         report = commit(out, run, plan, sorted(by_shard), info)
         report_path = home / "report.json"
         manifest.write_json(report, report_path)

@@ -1,7 +1,8 @@
 """add-labels, the plan: which stored record gets which mask, fixed in ``plan.json`` before any pixel is written.
 
 Masks pair with the stored records as in build-masks (:class:`~.labels.LabelIndex`); each mask's header (frames,
-shape) is checked against its record's source image, so a mask that cannot fit is rejected here with its reason.
+shape; for a label volume also its voxel grid, cut across the store's ``geometry.slice_axis``) is checked against its
+record's source image, so a mask that cannot fit is rejected here with its reason.
 A re-run of an unfinished add-labels reuses its plan (:func:`pending_plan`).
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from .config import LabelSource, resolve_path
 from .discover import sniff
 from .labels import LabelIndex
 from .process import shape_mismatch_reason
-from .readers import probe
+from .readers import VOLUME_FORMATS, probe
+from .readers.nifti import Volume, grid_mismatch, volume_of
 
 
 def labels_request(labels_dir, pattern, stem_regex, pairs) -> dict:
@@ -55,11 +57,13 @@ def pending_plan(out: Path, run: Path, request: dict) -> dict | None:
     return plan
 
 
-def make_plan(out: Path, df, request: dict) -> dict:
-    """Pair every stored record's source with a mask; probe each mask's header (frames, shape)."""
+def make_plan(out: Path, df, request: dict, slice_axis: str | None = None) -> dict:
+    """Pair every stored record's source with a mask; probe each mask's header (frames, shape, voxel grid), a label
+    volume cut across ``slice_axis`` (the store's ``geometry.slice_axis``)."""
     index = LabelIndex(LabelSource(**request))
     cols = {c: df[c].tolist() for c in ("source", "source_rel", "sample_id", "status", "reason", "row", "n_frames",
                                         "orig_height", "orig_width")}
+    volumes = volume_columns(df)
     by_source: dict[str, list[int]] = {}
     for i, src in enumerate(cols["source"]):
         by_source.setdefault(src, []).append(i)
@@ -84,7 +88,7 @@ def make_plan(out: Path, df, request: dict) -> dict:
                              "reason": f"its image was not stored by build-masks ({cols['status'][first]}: {cols['reason'][first]})"})
             continue
         shape = (int(cols["orig_height"][first]), int(cols["orig_width"][first]))
-        problem = _check_mask(p.path, int(cols["n_frames"][first]), shape)
+        problem = _check_mask(p.path, int(cols["n_frames"][first]), shape, slice_axis, volumes[first])
         if problem:
             rejected.append({"mask": p.path, **what, "code": problem[0], "reason": problem[1]})
             continue
@@ -117,17 +121,30 @@ def _sniff(path: str) -> str | None:
         return None
 
 
-def _check_mask(path: str, n_frames: int, shape: tuple[int, int]) -> tuple[str, str] | None:
+def volume_columns(df) -> list[dict | None]:
+    """Per manifest row, its volume columns (``volume_shape``, ``volume_affine``) when it was cut from a volume."""
+    if "volume_affine" not in df.columns:
+        return [None] * len(df)
+    return [None if a is None or s is None else {"volume_shape": [int(n) for n in s], "volume_affine": [float(v) for v in a]}
+            for s, a in zip(df["volume_shape"].tolist(), df["volume_affine"].tolist())]
+
+
+def _check_mask(path: str, n_frames: int, shape: tuple[int, int], slice_axis: str | None = None,
+                volume: dict | None = None) -> tuple[str, str] | None:
     """(code, reason) when the mask's header does not fit the record's source image, else None."""
     fmt = _sniff(path)
     if fmt is None:
-        return "unreadable", f"{path} is not an image medsass reads (DICOM, PNG, JPEG, TIFF, GIF, BMP)"
+        return "unreadable", f"{path} is not an image medsass reads (DICOM, PNG, JPEG, TIFF, GIF, BMP, NIfTI)"
     try:
-        pr = probe(Path(path), fmt)
+        pr = probe(Path(path), fmt, slice_axis=slice_axis)
+        off = grid_mismatch(volume_of(Path(path), slice_axis), Volume.from_columns(volume, slice_axis)) if (
+            volume is not None and fmt in VOLUME_FORMATS) else ""
     except InputError as exc:
         return "unreadable", f"{path}: {exc.reason}"
     if pr.n_frames != n_frames:
         return "frames_mismatch", f"mask has {pr.n_frames} frame(s), image has {n_frames}"
+    if off:
+        return "shape_mismatch", off
     if tuple(pr.shape) != shape:
         return "shape_mismatch", shape_mismatch_reason(pr.shape, shape) + "; a mask must have its source image's size"
     return None

@@ -18,6 +18,7 @@ from medsass.atomic import atomic_open
 from medsass.errors import disk_full
 
 from . import geometry
+from .add_labels_plan import volume_columns
 from .process import place_label, read_mask, shape_mismatch_reason
 from .shards import part_path
 
@@ -28,12 +29,14 @@ _FACTS = ("row", "sample_id", "source", "frame", "n_frames", "orig_height", "ori
 
 
 def record_facts(df, rows: set[int]) -> dict[int, dict]:
-    """Per planned row: what the shard writer needs from its manifest row (placement, frame, shape, label state)."""
+    """Per planned row: what the shard writer needs from its manifest row (placement, frame, shape, label state, and
+    a volume's columns as ``volume``: the grid its label volume must lie on)."""
     sel = df[(df["status"] == "ok") & df["row"].isin(list(rows))]
     out = {}
-    for rec in sel[list(_FACTS) + ["label_revision"]].to_dict("records"):
+    for rec, volume in zip(sel[list(_FACTS) + ["label_revision"]].to_dict("records"), volume_columns(sel)):
         rec = {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
         rec["placement"] = geometry.Placement(*(int(rec[k]) for k in _PLACEMENT), rec["resize_mode"])
+        rec["volume"] = volume
         out[int(rec["row"])] = rec
     return out
 
@@ -46,8 +49,10 @@ def _wal_path(run: Path, shard: int) -> Path:
     return run / "wal" / f"shard-{shard:06d}.npz"
 
 
-def write_shard(group, info, run: Path, shard: int, items: list[dict], facts: dict[int, dict], max_pixels: int) -> None:
-    """Write the planned labels of one shard (its only writer), then its done record."""
+def write_shard(group, info, run: Path, shard: int, items: list[dict], facts: dict[int, dict], max_pixels: int, *,
+                slice_axis: str | None = None) -> None:
+    """Write the planned labels of one shard (its only writer), then its done record. ``slice_axis``: the store's
+    ``geometry.slice_axis``, across which label volumes are cut."""
     start, stop = info.shard_bounds(shard)
     wal = _wal_path(run, shard)
     if wal.exists():  # killed while writing this shard: write the saved block again, never read back the shard
@@ -56,7 +61,7 @@ def write_shard(group, info, run: Path, shard: int, items: list[dict], facts: di
         store.drop_shard(group, store.LABEL, shard)  # it may be torn; zarr would read it before writing
     else:
         old = np.asarray(group[store.LABEL][start:stop])
-        block, result = new_block(old, start, items, facts, info.size, max_pixels)
+        block, result = new_block(old, start, items, facts, info.size, max_pixels, slice_axis=slice_axis)
         if any(r["changed"] for r in result["rows"]):
             with atomic_open(wal) as fh:
                 np.savez_compressed(fh, block=block, result=np.frombuffer(json.dumps(result).encode(), np.uint8))
@@ -75,7 +80,7 @@ def write_shard(group, info, run: Path, shard: int, items: list[dict], facts: di
 
 
 def new_block(old: np.ndarray, start: int, items: list[dict], facts: dict[int, dict], size: int,
-              max_pixels: int) -> tuple[np.ndarray, dict]:
+              max_pixels: int, *, slice_axis: str | None = None) -> tuple[np.ndarray, dict]:
     """The shard's label block with the planned rows replaced, and per row what happened."""
     block = old.copy()
     rows, rejected = [], []
@@ -83,7 +88,8 @@ def new_block(old: np.ndarray, start: int, items: list[dict], facts: dict[int, d
     for it in items:
         by_mask.setdefault(it["label_source"], []).append(facts[it["row"]])
     for path, recs in by_mask.items():
-        masks, status, reason = read_mask(path, recs[0]["n_frames"], sorted({r["frame"] for r in recs}), max_pixels)
+        masks, status, reason = read_mask(path, recs[0]["n_frames"], sorted({r["frame"] for r in recs}), max_pixels,
+                                          slice_axis=slice_axis, volume=recs[0].get("volume"))
         problems = {}
         for r in recs:
             mask, shape = masks.get(r["frame"]), (r["orig_height"], r["orig_width"])

@@ -115,13 +115,6 @@ class BuildConfig:
     runtime: BuildRuntimeConfig = field(default_factory=BuildRuntimeConfig)
     name: str = ""  # dataset name (informational)
 
-    def __post_init__(self) -> None:
-        if self.geometry.slice_axis != GeometryConfig.slice_axis and any(s.labels.dir or s.labels.pairs for s in self.sources):
-            raise ValueError(
-                f"geometry.slice_axis={self.geometry.slice_axis} with labels: label volumes are cut axially only for now "
-                "(build-masks and add-labels read them so); build with --slice-axis axial, or without --labels"
-            )
-
     def output_params(self) -> dict:
         """Everything that changes what is written: compared when an existing store is re-opened."""
         data = configio.to_dict(self)

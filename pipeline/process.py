@@ -87,7 +87,8 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
         if strict:
             raise
         return _failed(e, wanted, sha, "decode_error", f"{type(exc).__name__}: {exc}")
-    labels, label_status, label_reason = _read_label(e, frames_needed, g["max_pixels"])
+    volume = next((fr.meta["columns"] for fr in frames.values() if "volume_affine" in fr.meta.get("columns", {})), None)
+    labels, label_status, label_reason = _read_label(e, frames_needed, g["max_pixels"], g.get("slice_axis"), volume)
     out: list[Record] = []
     for fidx in frames_needed:
         frame = frames.get(fidx)
@@ -145,26 +146,37 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
     return out
 
 
-def _read_label(e: PlanEntry, frames: list[int], max_pixels: int) -> tuple[dict[int, np.ndarray], str, str]:
+def _read_label(e: PlanEntry, frames: list[int], max_pixels: int, slice_axis: str | None,
+                volume: dict | None) -> tuple[dict[int, np.ndarray], str, str]:
     if e.label_status != "ok" or not e.label_path:
         return {}, e.label_status, e.label_reason
-    return read_mask(e.label_path, e.n_frames, frames, max_pixels)
+    return read_mask(e.label_path, e.n_frames, frames, max_pixels, slice_axis=slice_axis, volume=volume)
 
 
-def read_mask(path: str, n_frames: int, frames: list[int], max_pixels: int) -> tuple[dict[int, np.ndarray], str, str]:
+def read_mask(path: str, n_frames: int, frames: list[int], max_pixels: int, *, slice_axis: str | None = None,
+              volume: dict | None = None) -> tuple[dict[int, np.ndarray], str, str]:
     """Binary masks (frame -> bool (H, W)) of a real-mask file for an image of ``n_frames`` frames, plus
-    label_status ('ok', 'unreadable', 'frames_mismatch') and reason. Never raises for a bad file."""
+    label_status ('ok', 'unreadable', 'frames_mismatch', 'shape_mismatch') and reason. Never raises for a bad file.
+
+    A label volume (NIfTI) is cut across ``slice_axis`` as its image was (the store's ``geometry.slice_axis``); with
+    ``volume`` (the image's volume columns: ``volume_shape``, ``volume_affine``) it must lie on the image's voxel grid
+    (readers.nifti.grid_mismatch), else shape_mismatch: a label on another grid would give wrongly cut slices."""
     from .discover import sniff
-    from .readers import probe, read
+    from .readers import VOLUME_FORMATS, probe, read
+    from .readers.nifti import Volume, grid_mismatch, volume_of
 
     try:
         fmt = sniff(Path(path))
         if fmt is None:
             return {}, "unreadable", f"{path} is not an image medsass reads"
-        n = probe(Path(path), fmt).n_frames
+        n = probe(Path(path), fmt, slice_axis=slice_axis).n_frames
         if n != n_frames:
             return {}, "frames_mismatch", f"mask has {n} frame(s), image has {n_frames}"
-        got = read(Path(path), fmt, frames, max_pixels=max_pixels)
+        if volume is not None and fmt in VOLUME_FORMATS:
+            off = grid_mismatch(volume_of(Path(path), slice_axis), Volume.from_columns(volume, slice_axis))
+            if off:
+                return {}, "shape_mismatch", f"{path}: {off}"
+        got = read(Path(path), fmt, frames, max_pixels=max_pixels, slice_axis=slice_axis)
         return {fr.index: binarize(fr.pixels) for fr in got}, "ok", ""
     except InputError as exc:
         return {}, "unreadable", f"{path}: {exc.reason}"

@@ -13,6 +13,9 @@ With ``window`` (pipeline/window.py) every slice becomes uint8 through one windo
 the frame says which source values map to 0 and 255. 2-D files are one slice; 4-D and higher files are
 refused unless the axes after the third have length 1 (split them: ``nibabel.funcs.four_to_three``).
 
+Labels: a label volume is cut by the same code along the same axis; :func:`grid_mismatch` says when its voxel grid
+(RAS+ shape and affine) is not the image's, so a label drawn on another grid is refused, never cut into wrong slices.
+
 QC: a slice with less than ``NO_BODY_FRACTION`` of its pixels above the volume's Otsu level (air vs body,
 computed once per volume) gets the flag ``no_body``.
 
@@ -22,6 +25,7 @@ used; ``descrip``, ``db_name``, ``aux_file``, ``intent_name`` and header extensi
 from __future__ import annotations
 
 import gzip
+import itertools
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,7 +36,7 @@ from typing import BinaryIO
 import numpy as np
 from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from skimage.filters import threshold_otsu
 
 from medsass.errors import InputError, SkipInput
@@ -44,6 +48,9 @@ SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # canonical (RAS+) axis 
 DEFAULT_SLICE_AXIS = "axial"
 NO_BODY_FRACTION = 0.02  # flag a slice with less of its area above the volume's air/body level
 NO_BODY = "no_body"
+# two volumes share a voxel grid when no voxel centre of one lies further than this (in voxels of the image's smallest
+# spacing) from the same voxel of the other: far above float32 header round-off (~1e-5 mm), far below a misplaced label
+GRID_TOLERANCE = 0.01
 _RAS = axcodes2ornt("RAS")
 _CIFTI_INTENTS = range(3000, 3100)  # NIFTI_INTENT_CONNECTIVITY_*: CIFTI-2 surface / connectivity data
 
@@ -81,6 +88,13 @@ class Volume:
                 "or pixdim so the volume can be oriented",
             )
         return cls(shape=shape, affine=affine, ornt=ornt, slice_axis=axis)
+
+    @classmethod
+    def from_columns(cls, columns: dict, slice_axis: str | None = None) -> Volume:
+        """The volume a manifest row's (or a frame's) volume columns describe: ``volume_shape``, ``volume_affine``."""
+        affine = np.asarray(columns["volume_affine"], dtype=np.float64).reshape(4, 4)
+        return cls(shape=tuple(int(n) for n in columns["volume_shape"]), affine=affine, ornt=io_orientation(affine),
+                   slice_axis=slice_axis or columns.get("slice_axis") or DEFAULT_SLICE_AXIS)
 
     @property
     def shape3(self) -> tuple[int, int, int]:
@@ -124,6 +138,11 @@ class Volume:
         p, q = self.in_plane
         return canon[q], canon[p], canon[self.axis]
 
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """voxel -> mm of the RAS+ array (what ``nibabel.as_closest_canonical`` gives the reoriented image)."""
+        return self.affine @ inv_ornt_aff(self.ornt, self.shape3)
+
     def canonical(self, data: np.ndarray) -> np.ndarray:
         """The source array (source shape) as RAS+ (a view: flips and a transpose)."""
         return apply_orientation(data.reshape(self.shape3, order="A"), self.ornt)
@@ -149,6 +168,29 @@ class Volume:
         """The manifest's volume columns (medsass.manifest.VOLUME_COLUMNS) of a frame of this volume."""
         return {"slice_axis": self.slice_axis, "volume_shape": list(self.shape),
                 "volume_affine": [float(v) for v in self.affine.ravel()], "spacing": list(self.spacing)}
+
+
+def grid_mismatch(label: Volume, image: Volume) -> str:
+    """'' when ``label`` lies on ``image``'s voxel grid after both are reoriented to RAS+ (the same canonical shape,
+    and every voxel centre within ``GRID_TOLERANCE`` voxel of the image's), else a sentence saying what differs. A
+    label stored in another voxel order with the matching affine is on the grid: it is reoriented like the image."""
+    shape = image.canonical_shape
+    if label.canonical_shape != shape:
+        return (f"label volume's shape differs from the image's: {'x'.join(map(str, label.canonical_shape))} vs "
+                f"{'x'.join(map(str, shape))} voxels in RAS+ order. Resample the label onto the image's grid")
+    corners = np.array([[*c, 1.0] for c in itertools.product(*((0, n - 1) for n in shape))]).T
+    gap = float(np.linalg.norm(((label.canonical_affine - image.canonical_affine) @ corners)[:3], axis=0).max())
+    tolerance = GRID_TOLERANCE * min(image.spacing)
+    if gap <= tolerance:
+        return ""
+    return (f"label volume's affine differs from the image's: voxels up to {gap:.3g} mm apart (tolerance {tolerance:.2g} mm, {GRID_TOLERANCE:g} voxel); {_grid(label)} vs "
+            f"the image's {_grid(image)}. Resample the label onto the image's grid (or fix its header)")
+
+
+def _grid(v: Volume) -> str:
+    a = v.canonical_affine
+    zooms = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    return f"RAS+ origin ({', '.join(f'{x:.4g}' for x in a[:3, 3])}) mm, voxels {'x'.join(f'{x:.4g}' for x in zooms)} mm"
 
 
 # --- the file -------------------------------------------------------------------------------------
@@ -265,4 +307,5 @@ def header_of(path: Path):
         return _header(Path(path), fobj)
 
 
-__all__ = ["DEFAULT_SLICE_AXIS", "NO_BODY", "NO_BODY_FRACTION", "SLICE_AXES", "Volume", "header_of", "probe", "read", "volume_of"]
+__all__ = ["DEFAULT_SLICE_AXIS", "GRID_TOLERANCE", "NO_BODY", "NO_BODY_FRACTION", "SLICE_AXES", "Volume", "grid_mismatch",
+           "header_of", "probe", "read", "volume_of"]

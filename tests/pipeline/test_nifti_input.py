@@ -267,9 +267,9 @@ def test_config_window_and_slice_axis_are_validated_and_recorded_only_when_set(t
         command_line_config(inputs=[str(tmp_path)], flags={"out": "o.zarr", "threshold.window": "brain"})
     with pytest.raises(ConfigError, match="slice_axis"):
         command_line_config(inputs=[str(tmp_path)], flags={"out": "o.zarr", "geometry.slice_axis": "oblique"})
-    with pytest.raises(ConfigError, match="slice_axis=sagittal with labels"):
-        command_line_config(inputs=[str(tmp_path)], labels={"dir": str(tmp_path)},
-                            flags={"out": "o.zarr", "geometry.slice_axis": "sagittal"})
+    labelled = command_line_config(inputs=[str(tmp_path)], labels={"dir": str(tmp_path)},
+                                   flags={"out": "o.zarr", "geometry.slice_axis": "sagittal"})  # label volumes are cut alike
+    assert labelled.geometry.slice_axis == "sagittal"
 
 
 # --- build-masks end to end ----------------------------------------------------------------------------
