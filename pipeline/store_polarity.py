@@ -6,6 +6,12 @@ often an error of the rule than a finding (cxr_shenzhen: 123 of 662 X-rays "brig
 
 * the vote reads frame 0 of a seeded sample of at most :data:`SAMPLE_MAX` planned inputs with the pipeline's own
   readers and asks :func:`.threshold.auto_polarity` (the side ``pseudo_mask(..., polarity="auto")`` would take);
+  a volume (NIfTI) is read as its records are, cut across ``geometry.slice_axis`` and windowed by
+  ``threshold.window``, and votes with the majority of :data:`VOLUME_VOTE_SLICES` slices spread over it (the
+  centres of equal parts, :func:`vote_slices`), leaving out ``no_body`` slices, which pretraining leaves out too.
+  Its slice 0 is often outside the body (air around a CT), where the auto rule sees noise and says "dark"; one
+  middle slice would be right more often, but a few spread slices keep one odd slice from deciding a volume, for
+  the cost of one read of the volume (which the reader decompresses whole even for one slice);
 * the sample is the inputs with the smallest ``sha256(seed:sample_base)`` -- independent of the salt, of the order
   the files were found in and of the number of workers -- and the decision is saved in
   ``_medsass/polarity_vote.json`` before any shard is written: a resumed run or ``--retry-failed`` reads it back
@@ -32,11 +38,13 @@ from .methods import STORE_POLARITY
 from .output import BuildJob
 from .parallel import run_tasks
 from .plan import PlanEntry
-from .readers import read
+from .readers import VOLUME_FORMATS, read
+from .readers.nifti import NO_BODY
 from .threshold import auto_polarity
 
 SAMPLE_MAX = 200  # inputs read for the vote
 VOTE_BATCH = 25  # inputs per Dask task
+VOLUME_VOTE_SLICES = 5  # slices of a sampled volume that vote (its vote is their majority)
 MIXED_SHARE = 1 / 3  # a minority of at least a third (or a tie) marks the vote "mixed", with a warning
 VOTE_FILE = "polarity_vote.json"
 
@@ -49,7 +57,7 @@ class StoreVote:
     votes: dict[str, int]  # {"bright": n, "dark": n} over the readable sampled inputs
     n_sampled: int  # inputs read (<= SAMPLE_MAX)
     n_inputs: int  # planned inputs (with rows) the sample was drawn from
-    unreadable: int  # sampled inputs whose frame 0 could not be read (no vote)
+    unreadable: int  # sampled inputs whose frame 0 (volumes: vote slices) could not be read (no vote)
     seed: int  # split.seed: the sample's seed
     method: str
     mixed: bool = False
@@ -69,11 +77,24 @@ def sample_entries(entries: Sequence[PlanEntry], seed: int, n: int = SAMPLE_MAX)
     return sorted(planned, key=key)[:n]
 
 
-def vote_batch(items: Sequence[tuple[str, str]], method: str, max_pixels: int) -> list[str | None]:
-    """The auto side of frame 0 of each ``(path, format)`` (runs in a Dask task); None where it cannot be read."""
+def vote_slices(n_slices: int, k: int = VOLUME_VOTE_SLICES) -> list[int]:
+    """The slices of a volume of ``n_slices`` that vote: the centres of ``k`` equal parts (all of a thinner one)."""
+    return sorted({int((i + 0.5) * n_slices / k) for i in range(k)}) if n_slices > 0 else [0]
+
+
+def vote_batch(items: Sequence[tuple[str, str, int]], method: str, max_pixels: int, slice_axis: str | None = None,
+               window: str | None = None) -> list[str | None]:
+    """The auto side of each ``(path, format, n_frames)`` (runs in a Dask task): frame 0's, or a volume's vote (the
+    module's doc); None where it cannot be read. ``slice_axis``, ``window``: the build's, for volumes."""
     out: list[str | None] = []
-    for path, fmt in items:
+    for path, fmt, n_frames in items:
         try:
+            if fmt in VOLUME_FORMATS:
+                frames = read(Path(path), fmt, vote_slices(n_frames), max_pixels=max_pixels, slice_axis=slice_axis,
+                              window=window)
+                body = [f for f in frames if NO_BODY not in f.meta.get("qc_flags", ())] or frames
+                out.append(decide([auto_polarity(f.pixels, method=method) for f in body])[0])
+                continue
             gray = read(Path(path), fmt, [0], max_pixels=max_pixels)[0].pixels
             if gray.dtype.kind == "f" and not np.isfinite(gray).all():
                 raise ValueError("non-finite pixels")
@@ -102,10 +123,11 @@ def store_vote(job: BuildJob, client, entries: Sequence[PlanEntry]) -> StoreVote
     if path.exists():
         return StoreVote(**manifest.read_json(path))
     picked = sample_entries(entries, cfg.split.seed)
-    items = [(e.source, e.format) for e in picked]
+    items = [(e.source, e.format, e.n_frames) for e in picked]
     batches = [items[i : i + VOTE_BATCH] for i in range(0, len(items), VOTE_BATCH)]
     results: list[list[str | None]] = [[] for _ in batches]
-    calls = [(b, cfg.threshold.method, cfg.geometry.max_pixels) for b in batches]
+    calls = [(b, cfg.threshold.method, cfg.geometry.max_pixels, cfg.geometry.slice_axis, cfg.threshold.window)
+             for b in batches]
     for i, res in run_tasks(client, vote_batch, calls, desc="polarity vote", progress=cfg.runtime.progress):
         results[i] = res
     votes = [v for batch in results for v in batch]
@@ -122,4 +144,5 @@ def store_vote(job: BuildJob, client, entries: Sequence[PlanEntry]) -> StoreVote
     return vote
 
 
-__all__ = ["SAMPLE_MAX", "StoreVote", "decide", "sample_entries", "store_vote", "vote_batch"]
+__all__ = ["SAMPLE_MAX", "VOLUME_VOTE_SLICES", "StoreVote", "decide", "sample_entries", "store_vote", "vote_batch",
+           "vote_slices"]

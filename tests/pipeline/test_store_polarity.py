@@ -2,6 +2,7 @@
 recorded; minority images flagged polarity_minority; the implausible-coverage flag fg_implausible."""
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -10,7 +11,8 @@ from medsass.pipeline.build import build
 from medsass.pipeline.cli import main
 from medsass.pipeline.config import BuildConfig, InputSource
 from medsass.pipeline.plan import PlanEntry
-from medsass.pipeline.store_polarity import SAMPLE_MAX, VOTE_FILE, decide, sample_entries
+from medsass.pipeline.readers import read
+from medsass.pipeline.store_polarity import SAMPLE_MAX, VOTE_FILE, decide, sample_entries, vote_batch, vote_slices
 from medsass.pipeline.threshold import auto_polarity, pseudo_mask
 from PIL import Image
 
@@ -192,3 +194,64 @@ def test_a_mixed_vote_warns_and_is_recorded(tmp_path, dask_scheduler):
         build(cfg_for(src, out, dask_scheduler))
     vote = manifest.read_json(manifest.summary_path(out))["polarity_vote"]
     assert vote["mixed"] and vote["votes"] == {"bright": 3, "dark": 3} and vote["polarity"] == "bright"  # tie -> bright
+
+
+# --- volumes (NIfTI): the slices the store uses, cut and windowed as its records ---------------------------
+def ct_volume(path, seed: int, shape=(48, 40, 10), body_slices=range(3, 7)):
+    """A CT-like HU volume (LPS affine): air (-1000 + noise) everywhere, an elliptic body (40 HU, a -800 HU lung)
+    in ``body_slices`` only, so slice 0 and the vote slices 1, 7 and 9 are air."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    x, y = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    body = ((x - nx / 2) / (nx * 0.35)) ** 2 + ((y - ny / 2) / (ny * 0.3)) ** 2 <= 1
+    lung = ((x - nx * 0.4) / (nx * 0.1)) ** 2 + ((y - ny / 2) / (ny * 0.12)) ** 2 <= 1
+    hu = np.full(shape, -1000.0) + rng.normal(0, 15, shape)
+    for k in body_slices:
+        hu[:, :, k][body] = 40 + rng.normal(0, 10, int(body.sum()))
+        hu[:, :, k][lung] = -800
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.round(hu).astype(np.int16), np.diag([-0.8, -0.7, 2.5, 1.0])), str(path))
+    return path
+
+
+def test_vote_slices_spread_over_the_volume():
+    assert vote_slices(10) == [1, 3, 5, 7, 9]
+    assert vote_slices(200) == [20, 60, 100, 140, 180]
+    assert vote_slices(3) == [0, 1, 2] and vote_slices(1) == [0] and vote_slices(0) == [0]
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal"])
+def test_a_ct_volume_votes_with_its_windowed_body_slices_not_its_air_slice_0(tmp_path, dask_scheduler, axis):
+    src = tmp_path / "ct"
+    paths = [ct_volume(src / f"ct_{i}.nii.gz", i) for i in range(3)]
+    for p in paths:  # what the old vote read: slice 0, unwindowed, is air, and the auto rule calls its noise dark
+        assert auto_polarity(read(p, "nifti", [0], max_pixels=2**28)[0].pixels, method="fov_otsu_hull") == "dark"
+    out = tmp_path / f"{axis}.zarr"
+    cfg = cfg_for(src, out, dask_scheduler, method="fov_otsu_hull")
+    cfg.threshold.window, cfg.geometry.slice_axis = "lung", axis
+    assert build(cfg).exit_code == 0
+    vote = manifest.read_json(store.work_dir(out) / VOTE_FILE)
+    # axial: the vote slices 1, 3, 5, 7, 9: the air ones (no_body, 1 7 9: dark in the lung window too) are left out
+    assert vote["polarity"] == "bright" and vote["votes"] == {"bright": 3, "dark": 0} and vote["unreadable"] == 0
+    df = manifest.read_manifest(out)
+    assert (df.slice_axis == axis).all() and (df.polarity == "bright").all()
+    body = df[~df.qc_flags.str.contains("no_body")]
+    assert len(body) > 0 and not body.qc_flags.str.contains("polarity_minority").any()  # the body agrees with its store
+
+
+def test_vote_batch_reads_volumes_with_the_build_window(tmp_path):
+    """Tissue (40 HU) with a -300 HU region around a small 2000 HU implant: unwindowed, Otsu isolates the metal
+    (bright); in the soft-tissue window the metal is clipped and the dark region is the object (dark)."""
+    n = 40
+    x, y = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    r2 = (x - n / 2 + 0.5) ** 2 + (y - n / 2 + 0.5) ** 2
+    plane = np.where(r2 <= (0.3 * n) ** 2, -300.0, 40.0)
+    plane[r2 <= (0.1 * n) ** 2] = 2000
+    data = np.repeat(plane[:, :, None], 6, axis=2) + np.random.default_rng(0).normal(0, 5, (n, n, 6))
+    path = tmp_path / "implant.nii.gz"
+    nib.save(nib.Nifti1Image(np.round(data).astype(np.int16), np.eye(4)), str(path))
+    item = [(str(path), "nifti", 6)]
+    assert vote_batch(item, "fov_otsu_hull", 2**28, "axial", None) == ["bright"]
+    assert vote_batch(item, "fov_otsu_hull", 2**28, "axial", "soft-tissue") == ["dark"]
+    assert vote_batch([(str(path), "nifti", 40)], "otsu", 2**28, "coronal", "soft-tissue") == ["dark"]
+    assert vote_batch([(str(path), "nifti", 40)], "otsu", 2**28, "axial", None) == [None]  # 6 axial slices, not 40
