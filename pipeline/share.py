@@ -11,8 +11,14 @@ keeps what training, evaluation and predict need and nothing that names a file, 
 - ``source_rel``, ``label_source``, ``source_sha256`` -> ''; ``source_bytes`` -> -1; ``reason`` / ``label_reason``
   (may quote library text with paths) -> their code; every other string column must look like a code (no '/',
   short) or becomes ``other``;
+- the volume columns (NIfTI: ``slice_axis``, ``volume_shape``, ``volume_affine``, ``spacing``) are carried: they are
+  the scan's geometry (voxel grid and its place in scanner coordinates), not who it is, as in any published NIfTI
+  dataset; whoever holds the original scans could match a record to its series by them, as by its pixels. The copy
+  stays usable as the original for volume-wise work (predict writes label volumes from its input's own header, with
+  the store's slice axis and window, both carried);
 - attributes and manifest.json: ``params.sources`` (input and label folders), ``split.groups_csv`` and the
-  ``regex:`` pattern of ``split.group_by`` go, ``params_digest`` is recomputed over what is left; a self-training
+  ``regex:`` pattern of ``split.group_by`` go, ``threshold.window`` stays (a preset or C/W numbers such as ``40/400``,
+  which the code-like rule would drop for its '/'), ``params_digest`` is recomputed over what is left; a self-training
   provenance loses ``source_checkpoint`` (a path); unknown keys are dropped and listed (teach this module about
   them);
 - array chunks are copied byte for byte (pixels are the data being shared: text burned into pixels stays);
@@ -41,6 +47,8 @@ import pyarrow.parquet as pq
 from medsass import __version__, manifest, store
 from medsass.errors import StoreError
 
+from .window import parse_window
+
 SHARE_DIR = "share"  # under the original store's _medsass/
 MAP_FILE = "ids.parquet"
 KEY_FILE = "key.json"
@@ -60,6 +68,8 @@ COLUMN_POLICY = {
                          "crop_x", "crop_height", "crop_width", "content_y", "content_x", "content_height",
                          "content_width", "intensity_low", "intensity_high", "threshold", "fg_fraction", "degenerate",
                          "has_label", "label_fg_fraction", "label_revision")},
+    # volumes (manifest.VOLUME_COLUMNS, present only in stores with NIfTI inputs): geometry, carried (module doc)
+    "slice_axis": CODE, "volume_shape": KEEP, "volume_affine": KEEP, "spacing": KEEP,
 }
 ROOT_ATTRS = ("schema_version", "kind", "size", "n_records", "shard_records", "created_with")
 SUMMARY_KEYS = ("schema_version", "created_with", "packages", "store", "counts", "n_inputs", "n_labeled",
@@ -78,6 +88,7 @@ class ShareResult:
     n_rows: int
     n_records: int
     dropped: list[str] = field(default_factory=list)  # attributes, columns and files not carried over
+    volumes: bool = False  # the manifest's volume columns (NIfTI geometry: affines, spacing) were carried
 
 
 class _Keys:
@@ -149,7 +160,8 @@ def share_store(store_path: str | Path, out: str | Path, *, salt: str | None = N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ShareResult(out, map_path, len(shared), info.n_records, dropped)
+    return ShareResult(out, map_path, len(shared), info.n_records, dropped,
+                       volumes=any(c in shared.column_names for c in manifest.VOLUME_COLUMNS))
 
 
 _KNOWN_TOP = {"zarr.json", manifest.MANIFEST_FILE, manifest.SUMMARY_FILE, store.WORK_DIR, store.PSEUDO_GROUP,
@@ -203,7 +215,7 @@ def _mapping(table: pa.Table, keys: _Keys, src: Path) -> tuple[pa.Table, set[str
         "source_rel": col["source_rel"], "label_source": col["label_source"],
         "group": col["group"], "shared_group": [keys.group(g) for g in col["group"]],
     })
-    vocab = {v for c, p in COLUMN_POLICY.items() if p == CODE for v in table.column(c).to_pylist()}
+    vocab = {v for c, p in COLUMN_POLICY.items() if p == CODE and c in table.column_names for v in table.column(c).to_pylist()}
     secret = {v for c in ("sample_id", "source", "source_rel", "label_source", "group", "reason", "label_reason")
               for v in col[c] if len(v) >= 4} - vocab
     for s in col["source"] + col["label_source"]:  # folder and file names, but not plain words (train, images, ...)
@@ -226,8 +238,11 @@ def _write_private(src: Path, keys: _Keys, mapping: pa.Table) -> Path:
 
 
 def _shared_manifest(table: pa.Table, keys: _Keys, dropped: list[str]) -> pa.Table:
+    columns = dict(manifest.COLUMNS)
+    if any(c in table.column_names for c in manifest.VOLUME_COLUMNS):  # all four, after the others (manifest.py)
+        columns.update(manifest.VOLUME_COLUMNS)
     cols = {}
-    for name, (typ, default, _) in manifest.COLUMNS.items():
+    for name, (typ, default, _) in columns.items():
         policy = COLUMN_POLICY.get(name)
         values = table.column(name).to_pylist() if name in table.column_names else None
         if values is None or policy is None:
@@ -244,8 +259,8 @@ def _shared_manifest(table: pa.Table, keys: _Keys, dropped: list[str]) -> pa.Tab
             code_col = "reason_code" if name == "reason" else "label_status"
             values = [_code(c) if v else "" for v, c in zip(values, table.column(code_col).to_pylist())]
         cols[name] = pa.array(values, typ)
-    dropped += [f"manifest column {c}" for c in table.column_names if c not in manifest.COLUMNS]
-    return pa.table(cols, schema=manifest.ARROW_SCHEMA)
+    dropped += [f"manifest column {c}" for c in table.column_names if c not in columns]
+    return pa.table(cols, schema=pa.schema([pa.field(name, typ) for name, (typ, _, _) in columns.items()]))
 
 
 def _code(value: Any) -> str:
@@ -271,6 +286,8 @@ def _shared_params(params: dict, dropped: list[str]) -> dict:
     for key in ("geometry", "threshold"):
         if isinstance(params.get(key), dict):
             out[key] = _plain(params[key])
+    if "window" in out.get("threshold", {}):  # an intensity window, never a path, though "40/400" is not code-like
+        out["threshold"]["window"] = _window(params["threshold"]["window"])
     split = dict(params.get("split") or {})
     if split:
         group_by = str(split.get("group_by", ""))
@@ -282,6 +299,16 @@ def _shared_params(params: dict, dropped: list[str]) -> dict:
         out["shard_records"] = _plain(params["shard_records"])
     dropped += [f"params.{k}" for k in params if k not in out]
     return out
+
+
+def _window(value: Any) -> str | None:
+    """The window's own spelling (pipeline/window.py: a preset, ``percentile`` or C/W numbers); None (withheld: predict
+    then refuses the copy) for anything that is not a window."""
+    try:
+        parsed = parse_window(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return parsed.spec if parsed else None
 
 
 def _shared_attrs(attrs: dict, pseudo: dict, names: list[str], dropped: list[str]) -> dict:
@@ -388,7 +415,8 @@ def _strings(obj: Any):
 def format_summary(result: ShareResult) -> str:
     lines = [f"shared copy   {result.out}  ({result.n_records} stored records, {result.n_rows} manifest rows, opaque ids)",
              f"private map   {result.mapping}  (mode 0600; never share it, nor the salt beside it)",
-             "not removed   text burned into the pixels; image sizes, modality, splits, QC and label statistics"]
+             "not removed   text burned into the pixels; image sizes, modality, splits, QC and label statistics"
+             + ("; volume geometry (voxel grid, affine, spacing)" if result.volumes else "")]
     if result.dropped:
         lines.append("not carried   " + "; ".join(result.dropped))
     return "\n".join(lines)

@@ -161,7 +161,8 @@ def test_every_byte_of_the_shared_copy_is_free_of_names_ids_dates_and_paths(hosp
 def test_the_copy_keeps_records_pixels_and_placement_and_maps_back_privately(hospital):
     original, shared = hospital["original"], hospital["shared"]
     a, b = manifest.read_manifest(original), manifest.read_manifest(shared)
-    same = [c for c, p in COLUMN_POLICY.items() if p in ("keep", "code")]
+    same = [c for c, p in COLUMN_POLICY.items() if p in ("keep", "code") and c in manifest.COLUMNS]  # no volumes here
+    assert list(b.columns) == list(manifest.COLUMNS)
     assert a[same].equals(b[same])
     assert b.sample_id.str.fullmatch(r"rec-[0-9a-f]{20}").all() and b.sample_id.is_unique
     assert (b.source_rel == "").all() and (b.label_source == "").all() and (b.source_bytes == -1).all()
@@ -283,4 +284,55 @@ def test_train_evaluate_and_predict_on_the_shared_copy_as_on_the_original(hospit
 
 
 def test_every_manifest_column_has_a_sharing_rule():
-    assert set(COLUMN_POLICY) == set(manifest.COLUMNS), "decide in medsass.pipeline.share what a shared copy holds"
+    assert set(COLUMN_POLICY) == set(manifest.COLUMNS) | set(manifest.VOLUME_COLUMNS), \
+        "decide in medsass.pipeline.share what a shared copy holds"
+
+
+def test_a_nifti_stores_copy_keeps_its_window_and_volume_columns_and_no_names(tmp_path, dask_scheduler):
+    """A C/W window ("40/400" looks like a path to the code rule) and the volume geometry travel; the folder and file
+    names and the header's text do not."""
+    import nibabel as nib
+    from medsass.pipeline.share import format_summary
+    from medsass.trainer.checkpoint import prep_params
+    from medsass.trainer.predict import PrepParams
+
+    last, first, mrn, _, study, _ = PATIENTS[0]
+    case = f"CT_{last}_{study}"
+    root = tmp_path / f"{last}^{first}_{mrn}"
+    rng = np.random.default_rng(0)
+    affine = np.array([[0, -0.8, 0, 120.5], [0, 0, 2.5, -31.25], [0.7, 0, 0, 17.0], [0, 0, 0, 1]])
+    for k, sub in enumerate(("imagesTr", "labelsTr")):
+        data = (rng.normal(40, 200, (20, 16, 12)).astype(np.int16) if k == 0 else
+                (rng.random((20, 16, 12)) < 0.3).astype(np.uint8))
+        img = nib.Nifti1Image(data, affine)
+        img.header["descrip"] = f"{last}^{first} {mrn}".encode()
+        (root / sub).mkdir(parents=True)
+        nib.save(img, str(root / sub / (f"{case}_0000.nii.gz" if k == 0 else f"{case}.nii.gz")))
+    original, shared = tmp_path / "vol.zarr", tmp_path / "vol_shared.zarr"
+    res = CliRunner().invoke(main, ["build-masks", str(root / "imagesTr"), "--labels", str(root / "labelsTr"),
+                                    "--label-pattern", "nnunet", "--window", "40/400", "--slice-axis", "coronal",
+                                    "--out", str(original), "--size", "32", "--scheduler", dask_scheduler, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    result = share_store(original, shared)
+    ga, gb = zarr.open_group(str(original), mode="r"), zarr.open_group(str(shared), mode="r")
+    assert ga.attrs["medsass"]["params"]["threshold"]["window"] == "40/400"
+    assert gb.attrs["medsass"]["params"]["threshold"] == ga.attrs["medsass"]["params"]["threshold"]
+    assert gb.attrs["medsass"]["params"]["geometry"] == ga.attrs["medsass"]["params"]["geometry"]
+    assert manifest.read_json(manifest.summary_path(shared))["params"]["threshold"]["window"] == "40/400"
+    # predict's preprocessing from the copy is the original's (the window was withheld, and predict refused it)
+    assert (PrepParams.from_record(prep_params(shared), where="copy")
+            == PrepParams.from_record(prep_params(original), where="original"))
+    assert PrepParams.from_record(prep_params(shared), where="copy").window == "40/400"
+    a, b = manifest.read_manifest(original), manifest.read_manifest(shared)
+    volume = list(manifest.VOLUME_COLUMNS)
+    assert list(b.columns) == list(manifest.COLUMNS) + volume and len(a) == len(b) == 12  # k runs anterior
+    assert (b.slice_axis == "coronal").all() and b.has_label.all()
+    for c in volume[1:]:
+        assert [list(v) for v in a[c]] == [list(v) for v in b[c]], c
+    assert np.allclose(np.array(b.volume_affine.iloc[0]).reshape(4, 4), affine)
+    assert not [d for d in result.dropped if d.startswith("manifest column")]
+    assert "volume geometry" in format_summary(result)
+    tokens = [last, first, mrn, study, case, f"{last}^{first}", root.name, str(root)]
+    found = hits(every_byte(shared), tokens)
+    assert not found, found
+    assert hits(every_byte(original), tokens)  # the search finds them where they are
