@@ -15,8 +15,10 @@ Arms per set and encoding, interleaved, best of --repeat:
   floor   ``pydicom.dcmread(path).pixel_array`` over all files in 2 processes (a Pool; warmed up);
   build   ``medsass-prep build-masks --size 256 --no-progress`` with 1 and 2 workers, default method and ``otsu``:
           the whole command (start-up included) and its shard phase alone (from the store's runs.jsonl).
-Prints images/s, MB/s (decoded pixel bytes) and the ratios build / floor, and (unless --no-stages) the time of each
-prep stage on the first DX file in this process (benchmarks/prep_stages.py); --out-json keeps them.
+Prints images/s, MB/s (decoded pixel bytes), the ratios build / floor, CPU ms per image of the floor (the decode)
+and of build-masks' tasks (summed over workers; on a busy machine their ratio is the steadier figure), and (unless
+--no-stages) the time of each prep stage on the first DX file in this process (benchmarks/prep_stages.py);
+--out-json keeps them.
 """
 from __future__ import annotations
 
@@ -64,20 +66,22 @@ def files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.dcm"))
 
 
-def _decode(path: Path) -> int:
+def _decode(path: Path) -> tuple[int, float]:
     from pydicom import dcmread
 
-    return int(dcmread(path).pixel_array.nbytes)
+    cpu = time.process_time()
+    nbytes = int(dcmread(path).pixel_array.nbytes)
+    return nbytes, time.process_time() - cpu
 
 
-def decode_floor(paths: list[Path], procs: int = 2) -> tuple[float, float]:
-    """(images/s, decoded MB/s) of pydicom's decode in ``procs`` processes."""
+def decode_floor(paths: list[Path], procs: int = 2) -> tuple[float, float, float]:
+    """(images/s, decoded MB/s, CPU ms per image) of pydicom's decode in ``procs`` processes."""
     with Pool(procs) as pool:
         pool.map(_decode, paths[: 2 * procs])  # warm up: imports and plugins
         t = time.perf_counter()
-        nbytes = sum(pool.map(_decode, paths, chunksize=max(1, len(paths) // (4 * procs))))
+        done = pool.map(_decode, paths, chunksize=max(1, len(paths) // (4 * procs)))
         dt = time.perf_counter() - t
-    return len(paths) / dt, nbytes / 1e6 / dt
+    return len(paths) / dt, sum(b for b, _ in done) / 1e6 / dt, 1000 * sum(c for _, c in done) / len(paths)
 
 
 class PeakRSS:
@@ -143,7 +147,7 @@ def build_masks(src: Path, out: Path, workers: int, method: str | None, *, memor
     n = len(files(src))
     run = [json.loads(line) for line in (out / "_medsass" / "runs.jsonl").read_text().splitlines()][-1]
     res = {"whole": n / whole, "shards": n / run["shard_seconds"], "whole_s": whole, "shard_s": run["shard_seconds"],
-           "startup_s": whole - run["shard_seconds"]}
+           "startup_s": whole - run["shard_seconds"], "cpu_ms": 1000 * run["task_cpu_seconds"] / n}
     if peaks:
         res["peak_rss_mb"] = max(peaks.values()) / 1e6
     return res
@@ -174,6 +178,7 @@ def run_benchmark(args) -> dict:
             for _ in range(args.repeat):
                 floor = decode_floor(paths)
                 r["floor"] = max(r.get("floor", 0.0), floor[0])
+                r["floor_cpu_ms"] = min(r.get("floor_cpu_ms", float("inf")), floor[2])
                 for label, method in METHODS.items():
                     for w in (1, 2):
                         res = build_masks(src, work / "store.zarr", w, method, memory=name == "large")
@@ -188,9 +193,11 @@ def run_benchmark(args) -> dict:
 
 
 def report(results: dict) -> str:
-    lines = ["images/s (MB/s of decoded pixels); ratio = build-masks / decode floor; whole command, then shard phase",
+    lines = ["images/s (MB/s of decoded pixels); ratio = build-masks / decode floor; whole command, then shard phase;",
+             "CPU ms per image (floor: the decode; build-masks: its tasks, summed over workers) and their ratio, which",
+             "the load of other processes hardly changes",
              f"{'input':12s} {'n':>4s} {'floor 2p':>14s} {'arm':12s} {'whole':>14s} {'ratio':>6s} {'shards':>14s} "
-             f"{'ratio':>6s} {'start-up s':>10s}"]
+             f"{'ratio':>6s} {'start-up s':>10s} {'cpu ms':>8s} {'ratio':>6s}"]
     for key, r in results.items():
         mb = r["pixel_mb"] / r["n"]
         first = True
@@ -198,10 +205,12 @@ def report(results: dict) -> str:
             for w in (1, 2):
                 a = r[f"{label}_{w}w"]
                 floor = f"{r['floor']:6.1f} ({r['floor'] * mb:5.0f})" if first else ""
+                cpu = f"{r['floor_cpu_ms']:.1f} /" if first else ""
                 lines.append(
                     f"{key if first else '':12s} {r['n'] if first else '':>4} {floor:>14s} {f'{label} {w}w':12s} "
                     f"{a['whole']:6.1f} ({a['whole'] * mb:5.0f}) {a['whole'] / r['floor']:6.2f} "
-                    f"{a['shards']:6.1f} ({a['shards'] * mb:5.0f}) {a['shards'] / r['floor']:6.2f} {a['startup_s']:10.1f}")
+                    f"{a['shards']:6.1f} ({a['shards'] * mb:5.0f}) {a['shards'] / r['floor']:6.2f} {a['startup_s']:10.1f} "
+                    f"{cpu:>8s} {a['cpu_ms']:6.1f} {r['floor_cpu_ms'] / a['cpu_ms']:6.2f}")
                 first = False
         peaks = [r[f"{m}_{w}w"].get("peak_rss_mb") for m in METHODS for w in (1, 2)]
         if any(peaks):
