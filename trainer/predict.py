@@ -76,7 +76,8 @@ class PrepParams:
                              "`medsass-prep build-masks`?); predict cannot repeat its preprocessing")
         if "window" in t and t["window"] is None:  # build-masks records a window only when set: this one was withheld
             raise StoreError(f"{where} records that its volumes were windowed but not the window (a copy made by "
-                             "`medsass-prep share` keeps only preset names); predict cannot repeat its preprocessing")
+                             "an older `medsass-prep share`, which dropped C/W windows such as 40/400: share the store again); "
+                             "predict cannot repeat its preprocessing")
         return cls(size=int(g["size"]), mode="tile" if g.get("tile") else str(g["resize"]), tile_overlap=int(g.get("tile_overlap", 0)),
                    intensity=str(t["intensity"]), max_pixels=int(g.get("max_pixels", 2**28)), window=t.get("window"),
                    slice_axis=str(g.get("slice_axis", "axial")))
