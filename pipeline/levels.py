@@ -6,7 +6,8 @@ function of its stored integer: the reader applies pydicom's functions once to t
 on the codes: the histogram is one ``np.bincount`` (no float ``np.histogram``), the uint8 image one table lookup.
 
 numpy casts uint16 indices to intp before ``bincount`` and ``take``: that cast of a 4 M-pixel image costs more than
-the work itself, so both run over blocks of :data:`BLOCK` pixels that stay in cache (2-3x faster, same result).
+the work itself, so both run over blocks of :data:`BLOCK` pixels that stay in cache (measured on a 2048^2 image:
+bincount 14 -> 7 ms, take 10 -> 4 ms; same result).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from functools import cached_property
 import numpy as np
 
 BLOCK = 1 << 16  # pixels per block of bincount / take
-MAX_CODES = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)
