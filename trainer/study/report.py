@@ -161,6 +161,36 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
     return lines
 
 
+def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
+    """Where the errors are: false positives and false negatives as fractions of the true foreground (pooled pixels,
+    mean over seeds), per arm and budget. A model that misses diseased lung at another site shows as FN, one that
+    learned the pseudo-masks' dark background or borders as FP."""
+    main = d.main_target
+    arms = [("scratch", main)] + [(a, main) for a in study.arms if a != "scratch"]
+    arms += [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
+    key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
+    arms = [(a, t) for a, t in arms if any(idx.counts.get(key(a, t, n)) for n in budgets)]
+    if not arms:
+        return []
+
+    def cell(a: str, t: str, n: int) -> str:
+        by_seed = idx.counts.get(key(a, t, n))
+        if not by_seed:
+            return "—"
+        rates = []
+        for counts in by_seed.values():
+            tp, fp, fn = np.asarray(counts, dtype=np.float64).sum(0)[:3]
+            rates.append((fp / max(tp + fn, 1), fn / max(tp + fn, 1)))
+        fp, fn = np.mean(rates, axis=0)
+        return f"{fp:.3f} / {fn:.3f}"
+
+    lines = ["| labels | " + " | ".join(arm_label(a, t, main) for a, t in arms) + " |", "|---:|" + "---:|" * len(arms)]
+    for n, names in sorted(budgets.items()):
+        if any(idx.counts.get(key(a, t, n)) for a, t in arms):
+            lines.append(f"| {n} ({', '.join(names)}) | " + " | ".join(cell(a, t, n) for a, t in arms) + " |")
+    return lines
+
+
 def gap_closed(d: StudyData, idx: Index, budgets: dict[int, list[str]], reps: int) -> list[str]:
     """How much of the gap between scratch at n labels and scratch with every label end-to-end pretraining closes."""
     full = max(budgets)
@@ -256,6 +286,11 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
                    + (f"; the {pooled} models pretrained on the pseudo-masks of its train + val records" if pooled else "")
                    + ")", ""]
             md += dataset_section(study, d, idx, budgets, f"site:{site}")
+        for where in ["test", *(f"site:{site}" for site in d.sites)]:
+            errors = error_section(study, d, idx, budgets, where)
+            if errors:
+                md += ["", f"### Errors on {'the test split' if where == 'test' else where[5:]}: false positives / false "
+                       "negatives as fractions of the true foreground (mean over seeds)", "", *errors]
         strat = strategies_section(study, d, idx, "test")
         if strat:
             md += ["", "### Which images to label (`medsass-train suggest` strategies, end-to-end arm, test IoU)", "", *strat]
