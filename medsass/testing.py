@@ -10,8 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.data import get_testdata_file
 from skimage.filters import threshold_otsu
 
 from medsass import manifest, store
@@ -126,3 +129,19 @@ def with_sections(cfg: dict[str, Any], /, **sections: Any) -> dict[str, Any]:
     for key, value in sections.items():
         out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
     return out
+
+
+def ct_small_nifti(path: Path) -> Path:
+    """pydicom's real CT slice (CT_small.dcm, shipped in pydicom's wheel) as a one-slice NIfTI: stored values plus
+    scl_slope/scl_inter, the RAS affine from the DICOM geometry, as a DICOM -> NIfTI converter writes it."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    row, col = (float(v) for v in ds.PixelSpacing)
+    iop = np.array(ds.ImageOrientationPatient, float)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = iop[:3] * col, iop[3:] * row
+    lps[:3, 2] = np.cross(iop[:3], iop[3:]) * float(ds.SliceThickness)
+    lps[:3, 3] = np.array(ds.ImagePositionPatient, float)
+    img = nib.Nifti1Image(ds.pixel_array.T[:, :, None].astype(np.uint16), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+    img.header.set_slope_inter(float(ds.RescaleSlope), float(ds.RescaleIntercept))
+    nib.save(img, str(path))
+    return Path(path)

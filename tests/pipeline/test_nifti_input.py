@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from medsass.testing import ct_small_nifti
 import pyarrow.parquet as pq
 import pytest
 import zarr
@@ -150,24 +151,6 @@ def test_real_ct_slice_converted_to_nifti_reads_back_as_the_dicom(tmp_path):
     win = read(path, "nifti", max_pixels=2**28, window="soft-tissue")[0]
     assert np.array_equal(win.pixels, apply_window(hu, -160, 240))
     assert win.meta["columns"]["intensity_low"] == -160 and win.meta["columns"]["intensity_high"] == 240
-
-
-def ct_small_nifti(path: Path) -> Path:
-    """pydicom's CT_small.dcm as a one-slice NIfTI (stored values + scl_slope/scl_inter, RAS affine from the DICOM
-    geometry), as a DICOM -> NIfTI converter writes it."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
-    row, col = (float(v) for v in ds.PixelSpacing)
-    iop = np.array(ds.ImageOrientationPatient, float)
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1] = iop[:3] * col, iop[3:] * row
-    lps[:3, 2] = np.cross(iop[:3], iop[3:]) * float(ds.SliceThickness)
-    lps[:3, 3] = np.array(ds.ImagePositionPatient, float)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    data = ds.pixel_array.T[:, :, None].astype(np.uint16)
-    return write_nifti(path, data, affine, slope=float(ds.RescaleSlope), inter=float(ds.RescaleIntercept))
 
 
 # --- real volumes from nibabel's test data -------------------------------------------------------------

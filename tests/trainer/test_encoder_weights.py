@@ -227,28 +227,11 @@ def with_prep_params(path: Path) -> Path:
     return path
 
 
-def run_killed_before_done(monkeypatch, cfg) -> None:
-    """Run pretrain, stopped as a kill would stop it between its last checkpoints and its ``done`` marker."""
-    from medsass import manifest
-
-    real = manifest.write_json
-
-    def write_json(obj, path, *args, **kwargs):
-        if Path(path).name == "done":
-            raise KeyboardInterrupt
-        return real(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(manifest, "write_json", write_json)
-    with pytest.raises(KeyboardInterrupt):
-        run_stages(cfg, ["pretrain"])
-    monkeypatch.setattr(manifest, "write_json", real)
-
-
 def notes(stage_dir: Path) -> list[str]:
     return [r["note"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "note" in r]
 
 
-def test_weights_initialise_the_first_stage_only(tmp_path, monkeypatch, no_network, capsys):
+def test_weights_initialise_the_first_stage_only(tmp_path, monkeypatch, no_network, capsys, run_killed_before_done):
     from medsass.trainer.predict import predict
 
     state = tiny_encoder_file(tmp_path / "enc.pt")
@@ -273,7 +256,7 @@ def test_weights_initialise_the_first_stage_only(tmp_path, monkeypatch, no_netwo
         return load_config({**data, **extra})
 
     cfg = config("run")
-    run_killed_before_done(monkeypatch, cfg)  # pretrain: loaded once, then killed before its done marker
+    run_killed_before_done(cfg)  # pretrain: loaded once, then killed before its done marker
     assert calls == [str(tmp_path / "enc.pt")]
     line = f"encoder weights enc.pt (sha256 {first[:12]}) -> encoder {TINY}: {len(state)} tensors loaded, 0 ignored"
     assert notes(tmp_path / "run" / "pretrain") == [line]  # the run's log, and stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from medsass.testing import ct_small_nifti
 import pytest
 import torch
 from click.testing import CliRunner
@@ -116,24 +117,6 @@ def test_checkpoint_window_and_slice_axis_reach_predict():
     withheld = {**prep, "threshold": {**prep["threshold"], "window": None}}  # what a shared copy leaves of '-600/1500'
     with pytest.raises(StoreError, match="windowed but not the window"):
         prep_from_checkpoint({"stores": {"s": {"path": "gone", "prep": withheld}}}, where="t")
-
-
-def ct_small_nifti(path: Path) -> Path:
-    """pydicom's real CT slice (CT_small.dcm) as a one-slice NIfTI, as a DICOM -> NIfTI converter writes it."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
-    row, col = (float(v) for v in ds.PixelSpacing)
-    iop = np.array(ds.ImageOrientationPatient, float)
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1] = iop[:3] * col, iop[3:] * row
-    lps[:3, 2] = np.cross(iop[:3], iop[3:]) * float(ds.SliceThickness)
-    lps[:3, 3] = np.array(ds.ImagePositionPatient, float)
-    img = nib.Nifti1Image(ds.pixel_array.T[:, :, None].astype(np.uint16), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
-    img.header.set_slope_inter(float(ds.RescaleSlope), float(ds.RescaleIntercept))
-    nib.save(img, str(path))
-    return path
 
 
 def test_build_masks_tiny_training_predict_gives_aligned_label_volumes(tmp_path):
