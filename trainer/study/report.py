@@ -107,11 +107,18 @@ def fmt_diff(e: Estimate | None) -> str:
     return f"**{text}**" if e.excludes_zero and e.n_seeds >= MIN_SEEDS_BOLD else text
 
 
+def table_arms(study: Study, d: StudyData) -> list[tuple[str, str]]:
+    """The (arm, target) columns of a dataset's tables: scratch, the study's arms on the main target, then the other
+    targets' arms."""
+    main = d.main_target
+    return ([("scratch", main)] + [(a, main) for a in study.arms if a != "scratch"]
+            + [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms])
+
+
 def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
     """The arm table and the paired differences of one dataset on one evaluation (test split or a site)."""
     main, reps = d.main_target, study.bootstrap
-    arms = [("scratch", main)] + [(a, main) for a in study.arms if a != "scratch"]
-    arms += [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
+    arms = table_arms(study, d)
     key = lambda arm, t, n, f=1: (d.name, where, t, arm, n, f)  # noqa: E731
     lines = ["| labels | " + " | ".join(arm_label(a, t, main) for a, t in arms) + " |",
              "|---:|" + "---:|" * len(arms)]
@@ -166,8 +173,7 @@ def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, lis
     mean over seeds), per arm and budget. A model that misses diseased lung at another site shows as FN, one that
     learned the pseudo-masks' dark background or borders as FP."""
     main = d.main_target
-    arms = [("scratch", main)] + [(a, main) for a in study.arms if a != "scratch"]
-    arms += [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
+    arms = table_arms(study, d)
     key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
     arms = [(a, t) for a, t in arms if any(idx.counts.get(key(a, t, n)) for n in budgets)]
     if not arms:
