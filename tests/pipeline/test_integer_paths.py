@@ -13,7 +13,7 @@ from medsass.pipeline.field_of_view import clean, field_of_view
 from medsass.pipeline.global_threshold import Values, apply_threshold, otsu_of_counts
 from medsass.pipeline.intensity import linear_uint8, to_uint8
 from medsass.pipeline.mask_geometry import Blocks, fill_holes, upsample
-from medsass.pipeline.readers import dicom as dicom_reader
+from medsass.pipeline.readers import dicom_display
 from medsass.pipeline.threshold import METHODS, pseudo_mask
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -271,9 +271,9 @@ def test_dicom_table_gives_the_pixels_the_luts_give(case):
         arr = RNG.integers(-top // 2, top // 2, (37, 41)).astype(np.int16)
     else:
         arr = RNG.integers(5, top - 7, (37, 41)).astype(np.uint16)
-    pixels, info, levels = dicom_reader._to_display(arr, ds)
-    lo, hi = dicom_reader._stored_range(ds, arr, arr.min().item(), arr.max().item())
-    per_pixel = dicom_reader._display(arr, ds, lo, hi, dict(info))  # the LUTs applied to every pixel
+    pixels, info, levels = dicom_display.to_display(arr, ds)
+    lo, hi = dicom_display.stored_range(ds, arr, arr.min().item(), arr.max().item())
+    per_pixel = dicom_display.apply_luts(arr, ds, lo, hi, dict(info))  # the LUTs applied to every pixel
     assert pixels.dtype == per_pixel.dtype
     np.testing.assert_array_equal(pixels, per_pixel)
     if case == "bad_window":  # nothing applied: the stored values as they are, no table
