@@ -13,7 +13,7 @@ two apart when it is missed, the loader's own rate without a training step. Warm
 timed span starts and ends with ``torch.cuda.synchronize``.
 
     python benchmarks/gpu_throughput.py --store data/store_256.zarr --out gpu_throughput.json   # + gpu_throughput.txt
-    python benchmarks/gpu_throughput.py --data ../shared/data/cxr_shenzhen   # builds a 256 px store with medsass-prep
+    python benchmarks/gpu_throughput.py --data data_manifests/cxr_shenzhen.yaml   # builds a 256 px store with medsass-prep
     python benchmarks/gpu_throughput.py --device cpu --encoder resnet18 --size 64 --steps 3 --batch-size 2   # smoke
 
 Without ``--store`` / ``--data`` the store is built from the bundled sample (``data_manifests/sample.yaml``, 16
