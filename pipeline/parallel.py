@@ -21,10 +21,13 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import socket
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
@@ -82,6 +85,8 @@ def dask_client(
     """A client of ``scheduler``, or of a local cluster of ``workers`` processes. Unless ``quiet``, prints where
     it runs and the dashboard's address (a quiet local cluster has no dashboard). The local cluster's HTTP
     endpoints listen on :func:`dashboard_address` (``dashboard``: host:port, default 127.0.0.1, a free port)."""
+    # lazy (here and in run_tasks): dask.distributed takes ~0.4 s to import, and prep's CLI imports this module
+    # first, to start the workers' fork server, which imports Dask while this process imports the rest (cli.py build)
     import dask
     from dask.distributed import Client, LocalCluster
 
@@ -133,9 +138,6 @@ def start_worker_server() -> bool:
 def dashboard_hint(link: str, address: str) -> str:
     """The URL of a dashboard started with ``address`` (Dask's ``link`` names the scheduler's host, not the
     dashboard's; its port is right), and for a loopback one the SSH tunnel that opens it from another machine."""
-    import socket
-    from urllib.parse import urlsplit
-
     port, host = urlsplit(link).port, address.rsplit(":", 1)[0]
     if host in ("127.0.0.1", "localhost", "[::1]"):
         return (f"http://{host}:{port}/status (this machine only; from yours: "
@@ -156,9 +158,7 @@ def run_tasks(
 
     An exception in a task cancels the rest and is re-raised here.
     """
-    import uuid
-
-    from dask.distributed import as_completed
+    from dask.distributed import as_completed  # lazy: see dask_client
 
     token = uuid.uuid4().hex[:8]  # unique per run: a shared scheduler must not reuse an old result
     futures = [client.submit(fn, *args, key=f"{key}-{desc}-{token}-{i}", pure=False) for i, args in enumerate(calls)]

@@ -18,10 +18,14 @@ from medsass import manifest
 from medsass.errors import InputError
 
 from . import geometry
+from .discover import sniff
 from .intensity import to_uint8
 from .labels import binarize
 from .methods import STORE_POLARITY, fg_flags, is_degenerate, store_qc_flags
 from .plan import PlanEntry
+from .readers import IN_MEMORY_FORMATS, VOLUME_FORMATS, add_reader_facts, probe, read
+from .readers.nifti import Volume, grid_mismatch, volume_of
+from .threshold import auto_polarity, pseudo_mask
 
 IN_MEMORY_MAX_BYTES = 64 << 20  # smaller PNG/JPEG/GIF/BMP files are read once into memory
 
@@ -56,9 +60,6 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
                   store_polarity: str | None = None) -> list[Record]:
     """Records for the planned ``rows`` of entry ``e`` (a subset when the file straddles shards). With
     ``threshold.polarity: store``, ``store_polarity`` is the store's side (the plan's vote, pipeline/store_polarity.py)."""
-    from .readers import IN_MEMORY_FORMATS, add_reader_facts, read
-    from .threshold import auto_polarity, pseudo_mask
-
     wanted = [(r, f, k) for r, f, k in e.records() if r in set(rows)]
     frames_needed = sorted({f for _, f, _ in wanted})
     g, t = params["geometry"], params["threshold"]
@@ -161,10 +162,6 @@ def read_mask(path: str, n_frames: int, frames: list[int], max_pixels: int, *, s
     A label volume (NIfTI) is cut across ``slice_axis`` as its image was (the store's ``geometry.slice_axis``); with
     ``volume`` (the image's volume columns: ``volume_shape``, ``volume_affine``) it must lie on the image's voxel grid
     (readers.nifti.grid_mismatch), else shape_mismatch: a label on another grid would give wrongly cut slices."""
-    from .discover import sniff
-    from .readers import VOLUME_FORMATS, probe, read
-    from .readers.nifti import Volume, grid_mismatch, volume_of
-
     try:
         fmt = sniff(Path(path))
         if fmt is None:

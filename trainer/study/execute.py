@@ -7,7 +7,9 @@ job is reported with its reason and the others go on; jobs that start from its c
 from __future__ import annotations
 
 import csv
+import multiprocessing as mp
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +170,6 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
             pending.remove(job)
             finish(job, *_worker(job, ssl_spec, keep_final))
         return n, failed
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     running: dict[Any, Job] = {}
     with ProcessPoolExecutor(max_workers=n_parallel, mp_context=mp.get_context("spawn")) as pool:
