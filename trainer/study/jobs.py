@@ -161,6 +161,10 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
     jobs: list[Job] = []
     runs = Path(study.out_dir) / "runs"
     prep = configio.to_dict(study.prep)
+    # prep overrides of the thresholding (e.g. threshold.polarity=auto, pinned when the prep default changed) stay out
+    # of the keys: what they change, the pseudo-masks, is in the target's data digest (stores.data_digest), and runs
+    # that never read pseudo-masks (scratch, SimCLR) do not depend on them
+    prep["overrides"] = [o for o in prep["overrides"] if not o.startswith("threshold.")]
     conv = study.convergence
     w = init_weights(study)
     for d_i, d in enumerate(data):
