@@ -63,8 +63,9 @@ class MethodChoice(click.Choice):
 @click.option("--tile-overlap", type=int, help="Overlap of neighbouring tiles in pixels [0].")
 @click.option("--method", type=MethodChoice(), help="Pseudo-mask threshold [fov_otsu_hull: Otsu inside the field of view, "
               "objects filled to their convex hull]; otsu is the paper's plain per-image Otsu (docs/pseudo_masks.md).")
-@click.option("--polarity", type=click.Choice(BUILD_POLARITIES), help="Which side is foreground [auto: per image]; store: one "
-              "side for the whole store, the majority of the per-image auto decisions, minority images flagged.")
+@click.option("--polarity", type=click.Choice(BUILD_POLARITIES), help="Which side is foreground [store: one side for the "
+              "whole store, the majority of the per-image auto decisions, minority images flagged; a mixed vote (several "
+              "modalities) keeps per-image sides]; auto: per image; bright|dark: forced (docs/pseudo_masks.md).")
 @click.option("--intensity", type=click.Choice(["percentile", "minmax"]), help="How non-8-bit images map to uint8 [percentile].")
 @click.option("--window", help="NIfTI volumes: intensity window before Otsu and uint8, one per volume: lung, soft-tissue, bone, "
               "C/W in HU (e.g. 40/400) for CT; percentile (the volume's 0.5-99.5th) for MR [none: as --intensity, per slice].")

@@ -61,8 +61,9 @@ class ThresholdConfig:
     # one of medsass.pipeline.threshold.METHODS. Default: the region-aware fov_otsu_hull, which beat the paper's plain
     # "otsu" on pseudo-mask IoU and as a pretraining target on both PH2 and CXR (docs/results/label_efficiency.md).
     method: str = "fov_otsu_hull"
-    # auto: per image; store: one side per store, the majority of the per-image auto decisions (pipeline/store_polarity.py)
-    polarity: Literal["auto", "bright", "dark", "store"] = "auto"
+    # store (default): one side per store, the majority of the per-image auto decisions; a mixed vote (several
+    # modalities) keeps per-image sides (pipeline/store_polarity.py). auto: per image. bright|dark: forced.
+    polarity: Literal["auto", "bright", "dark", "store"] = "store"
     intensity: Literal["percentile", "minmax"] = "percentile"  # how non-8-bit images map to uint8
     # volumes (NIfTI): lung | soft-tissue | bone | C/W (HU) | percentile (the volume's, for MR); None: as `intensity`
     window: str | None = None

@@ -55,10 +55,11 @@ def _prepare(out: Path, cfg: BuildConfig, overwrite: bool) -> None:
             if not overwrite:
                 old_params = old.get("params", {})
                 diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in configio.diff(old_params, cfg.output_params()).items())
-                hint = ""
-                old_method = old_params.get("threshold", {}).get("method")
-                if old_method and old_method != cfg.threshold.method:  # e.g. a store made before the default changed
-                    hint = f"; to resume it as it was built, add --method {old_method}"
+                # e.g. a store made before a default changed (method: 2026-11; polarity auto -> store: 2026-12-05)
+                old_t = old_params.get("threshold", {})
+                flags = [f"--{k} {old_t[k]}" for k in ("method", "polarity")
+                         if old_t.get(k) and old_t[k] != getattr(cfg.threshold, k)]
+                hint = f"; to resume it as it was built, add {' '.join(flags)}" if flags else ""
                 raise StoreError(
                     f"{out} was built with other parameters ({diff}); pass --overwrite to rebuild it, "
                     f"or choose a new --out{hint}"

@@ -64,7 +64,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
     frames_needed = sorted({f for _, f, _ in wanted})
     g, t = params["geometry"], params["threshold"]
     store_qc = t["polarity"] == STORE_POLARITY
-    if store_qc and store_polarity not in ("bright", "dark"):
+    if store_qc and store_polarity not in ("bright", "dark", "auto"):  # auto: a mixed vote (each image its own side)
         raise ValueError(f"threshold.polarity is {STORE_POLARITY!r} but the store's polarity is {store_polarity!r}")
     size, mode = g["size"], "tile" if g["tile"] else g["resize"]
     data = None
@@ -106,7 +106,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             places = geometry.placements(gray.shape, size, mode, g["tile_overlap"])
             if len(places) != e.records_per_frame:
                 raise InputError(e.source, "frame_shape", f"frame {fidx} is {gray.shape}, unlike frame 0 {e.height}x{e.width}")
-            own = auto_polarity(gray, method=t["method"], levels=levels) if store_qc else None
+            own = auto_polarity(gray, method=t["method"], levels=levels) if store_qc and store_polarity != "auto" else None
             pm = pseudo_mask(gray, method=t["method"], polarity=store_polarity if store_qc else t["polarity"], levels=levels)
             u8, low, high = to_uint8(gray, t["intensity"], str(frame.meta.get("orig_dtype", "")), levels)
         except InputError as exc:
@@ -125,7 +125,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
             fg = float(crop_mask.mean()) if mode == "tile" else pm.fg_fraction
             flags = [f for f in pm.flags if f == "constant"] + list(fg_flags(fg))
             if store_qc:  # store-level QC (auto/bright/dark manifests stay as they were)
-                flags += store_qc_flags(fg, own, pm.polarity, flags)
+                flags += store_qc_flags(fg, own or pm.polarity, pm.polarity, flags)  # a mixed vote: no minority
             meta = manifest.empty_row(
                 **base_row(e, sha), sample_id=sample_id(e, fidx, p), frame=fidx, status="ok", row=r,
                 orig_height=gray.shape[0], orig_width=gray.shape[1], orig_dtype=str(frame.meta.get("orig_dtype", gray.dtype)),

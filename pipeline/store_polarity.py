@@ -17,9 +17,12 @@ often an error of the rule than a finding (cxr_shenzhen: 123 of 662 X-rays "brig
   ``_medsass/polarity_vote.json`` before any shard is written: a resumed run or ``--retry-failed`` reads it back
   instead of voting again, so every shard of a store uses the same side;
 * every record is then thresholded with that side; a record whose own auto decision differs gets the QC flag
-  ``polarity_minority`` (informative, not degenerate by itself). A tie goes to ``bright`` (pseudo_mask's side for
-  a constant image) and, like any vote whose minority is at least :data:`MIXED_SHARE`, is marked ``mixed``, with a
-  warning: such a store (several modalities, e.g. a folder of assorted DICOMs) is better built with ``--polarity auto``.
+  ``polarity_minority`` (informative, not degenerate by itself);
+* a vote whose minority is at least :data:`MIXED_SHARE` (a tie included) is ``mixed``: the store most likely holds
+  several modalities (e.g. a folder of assorted DICOMs, where forcing one side would invert the masks of a third or
+  more of the images), so **every image keeps its own auto side**, as with ``--polarity auto`` (the vote's
+  ``polarity`` is then ``"auto"``; ``majority`` is still recorded), with a warning. ``--polarity bright|dark``
+  forces one side. Stores voted before this rule (their saved vote has no ``majority``) keep the side they took.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ VOTE_FILE = "polarity_vote.json"
 class StoreVote:
     """The store's polarity and how it was decided (``manifest.json`` ``polarity_vote``, store attrs)."""
 
-    polarity: str  # bright | dark
+    polarity: str  # bright | dark: the side every image takes; auto: a mixed vote, each image keeps its own side
     votes: dict[str, int]  # {"bright": n, "dark": n} over the readable sampled inputs
     n_sampled: int  # inputs read (<= SAMPLE_MAX)
     n_inputs: int  # planned inputs (with rows) the sample was drawn from
@@ -62,6 +65,7 @@ class StoreVote:
     method: str
     mixed: bool = False
     sample: list[str] = field(default_factory=list)  # sample_base of the sampled inputs, in sample order
+    majority: str | None = None  # bright | dark: the vote's majority (a tie: bright); None in votes saved before it
 
     def as_dict(self, *, with_sample: bool = True) -> dict:
         d = asdict(self)
@@ -93,12 +97,13 @@ def vote_batch(items: Sequence[tuple[str, str, int]], method: str, max_pixels: i
                 frames = read(Path(path), fmt, vote_slices(n_frames), max_pixels=max_pixels, slice_axis=slice_axis,
                               window=window)
                 body = [f for f in frames if NO_BODY not in f.meta.get("qc_flags", ())] or frames
-                out.append(decide([auto_polarity(f.pixels, method=method) for f in body])[0])
+                out.append(decide([auto_polarity(f.pixels, method=method, levels=f.levels) for f in body])[0])
                 continue
-            gray = read(Path(path), fmt, [0], max_pixels=max_pixels)[0].pixels
-            if gray.dtype.kind == "f" and not np.isfinite(gray).all():
+            frame = read(Path(path), fmt, [0], max_pixels=max_pixels)[0]
+            gray, levels = frame.pixels, frame.levels  # levels: DICOM's table of values (histogram from the codes)
+            if gray.dtype.kind == "f" and not np.isfinite(levels.values if levels is not None else gray).all():
                 raise ValueError("non-finite pixels")
-            out.append(auto_polarity(gray, method=method))
+            out.append(auto_polarity(gray, method=method, levels=levels))  # as process_entry decides each record
         except Exception:  # noqa: BLE001 - a file the shards will report as failed; it just has no vote
             out.append(None)
     return out
@@ -131,16 +136,18 @@ def store_vote(job: BuildJob, client, entries: Sequence[PlanEntry]) -> StoreVote
     for i, res in run_tasks(client, vote_batch, calls, desc="polarity vote", progress=cfg.runtime.progress):
         results[i] = res
     votes = [v for batch in results for v in batch]
-    polarity, counts, mixed = decide(votes)
-    vote = StoreVote(polarity=polarity, votes=counts, n_sampled=len(picked),
+    majority, counts, mixed = decide(votes)
+    polarity = "auto" if mixed else majority
+    vote = StoreVote(polarity=polarity, majority=majority, votes=counts, n_sampled=len(picked),
                      n_inputs=sum(e.row_start >= 0 for e in entries), unreadable=sum(v is None for v in votes),
                      seed=cfg.split.seed, method=cfg.threshold.method, mixed=mixed,
                      sample=[e.sample_base for e in picked])
     manifest.write_json(vote.as_dict(), path)
     if mixed:
         warnings.warn(f"{job.out}: the per-image polarity vote is mixed ({counts['bright']} bright, {counts['dark']} dark of "
-                      f"{len(picked)} sampled inputs); the store takes {polarity!r} for every image. If the store holds "
-                      "several modalities, build it with --polarity auto (per image) instead", MedsassWarning, stacklevel=2)
+                      f"{len(picked)} sampled inputs), as in a store of several modalities: every image keeps its own "
+                      f"side (as with --polarity auto). To force one side for all, build with --polarity {majority} "
+                      "(the majority) or the other side", MedsassWarning, stacklevel=2)
     return vote
 
 

@@ -17,7 +17,7 @@ from medsass.pipeline.threshold import auto_polarity, pseudo_mask
 from PIL import Image
 
 from medsass import manifest, store
-from medsass.errors import MedsassWarning
+from medsass.errors import MedsassWarning, StoreError
 
 SIDE = 64
 
@@ -183,17 +183,31 @@ def test_cli_polarity_choice(tmp_path, dask_scheduler):
     assert "[auto|bright|dark|store]" in helped.output.replace("\n", "").replace(" ", "")
 
 
-def test_a_mixed_vote_warns_and_is_recorded(tmp_path, dask_scheduler):
+def test_a_mixed_vote_warns_keeps_per_image_sides_and_is_recorded(tmp_path, dask_scheduler):
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
         Image.fromarray(disk_image(False, 0.2)).save(src / f"dark_{i}.png")
         Image.fromarray(disk_image(True, 0.25)).save(src / f"bright_{i}.png")
     out = tmp_path / "m.zarr"
-    with pytest.warns(MedsassWarning, match="mixed"):
+    with pytest.warns(MedsassWarning, match="mixed.*own side.*--polarity bright"):
         build(cfg_for(src, out, dask_scheduler))
     vote = manifest.read_json(manifest.summary_path(out))["polarity_vote"]
-    assert vote["mixed"] and vote["votes"] == {"bright": 3, "dark": 3} and vote["polarity"] == "bright"  # tie -> bright
+    assert vote["mixed"] and vote["votes"] == {"bright": 3, "dark": 3}
+    assert vote["polarity"] == "auto" and vote["majority"] == "bright"  # a tie's majority is bright; not applied
+    df = manifest.read_manifest(out).set_index("source_rel")
+    # several modalities: each image keeps its own side (as --polarity auto), so no minority and no inverted mask
+    assert (df.loc[[f"dark_{i}.png" for i in range(3)], "polarity"] == "dark").all()
+    assert (df.loc[[f"bright_{i}.png" for i in range(3)], "polarity"] == "bright").all()
+    assert not df.qc_flags.str.contains(methods.POLARITY_MINORITY).any() and not df.degenerate.any()
+    auto = tmp_path / "a.zarr"
+    build(cfg_for(src, auto, dask_scheduler, polarity="auto"))
+    rows = lambda p: manifest.read_manifest(p).sort_values("source_rel").row.to_numpy()  # noqa: E731
+    assert (store.open_store(out)[0][store.PSEUDO_MASK][:][rows(out)] == store.open_store(auto)[0][store.PSEUDO_MASK][:][rows(auto)]).all()
+
+
+def test_the_default_polarity_is_store(tmp_path):
+    assert BuildConfig(sources=[InputSource(path=str(tmp_path))], out=str(tmp_path / "o.zarr")).threshold.polarity == "store"
 
 
 # --- volumes (NIfTI): the slices the store uses, cut and windowed as its records ---------------------------
@@ -255,3 +269,14 @@ def test_vote_batch_reads_volumes_with_the_build_window(tmp_path):
     assert vote_batch(item, "fov_otsu_hull", 2**28, "axial", "soft-tissue") == ["dark"]
     assert vote_batch([(str(path), "nifti", 40)], "otsu", 2**28, "coronal", "soft-tissue") == ["dark"]
     assert vote_batch([(str(path), "nifti", 40)], "otsu", 2**28, "axial", None) == [None]  # 6 axial slices, not 40
+
+
+def test_a_store_built_before_the_default_changed_says_how_to_resume_it(tmp_path, dask_scheduler):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(disk_image(False, 0.2)).save(src / "dark_0.png")
+    out = tmp_path / "old.zarr"
+    build(cfg_for(src, out, dask_scheduler, polarity="auto"))  # as built with the default before 2026-12-05
+    with pytest.raises(StoreError, match=r"threshold.polarity: 'auto' -> 'store'.*add --polarity auto$"):
+        build(cfg_for(src, out, dask_scheduler))
+    build(cfg_for(src, out, dask_scheduler, polarity="auto"))  # the hint works: it resumes (nothing to do)
