@@ -3,6 +3,7 @@
     python benchmarks/store_identity.py --out /tmp/before.json            # build every dataset file, write digests
     python benchmarks/store_identity.py --out /tmp/after.json
     python benchmarks/store_identity.py --compare /tmp/before.json /tmp/after.json
+    python benchmarks/store_identity.py --set threshold.polarity=auto --out /tmp/x.json   # across a default change
 
 Each dataset file of data_manifests/ whose inputs exist (../shared/data) is built with a fixed salt and one worker
 into a scratch folder; per store it records the sha256 of every array's decoded bytes and of the manifest's
@@ -39,7 +40,7 @@ def store_digests(path: Path) -> dict[str, str]:
     return out
 
 
-def build_all(names: list[str], scratch: Path) -> dict[str, dict[str, str]]:
+def build_all(names: list[str], scratch: Path, overrides: list[str] = ()) -> dict[str, dict[str, str]]:
     from medsass.pipeline.build import build
     from medsass.pipeline.config import load_dataset_file
 
@@ -49,7 +50,7 @@ def build_all(names: list[str], scratch: Path) -> dict[str, dict[str, str]]:
             continue
         out = scratch / f"{ds.stem}.zarr"
         try:
-            cfg = load_dataset_file(ds, ["runtime.salt=store-identity", "runtime.workers=1", "runtime.progress=false", f"out={out}"])
+            cfg = load_dataset_file(ds, ["runtime.salt=store-identity", "runtime.workers=1", "runtime.progress=false", f"out={out}", *overrides])
         except Exception as exc:  # noqa: BLE001 - a dataset whose inputs are absent here
             print(f"skip {ds.stem}: {exc}", file=sys.stderr)
             continue
@@ -80,13 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the digests here (JSON)")
     ap.add_argument("--datasets", default="", help="comma-separated dataset file names (default: all whose inputs exist)")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dataset-file override for every build (e.g. threshold.polarity=auto: the default before 2026-12-05)")
     args = ap.parse_args(argv)
     if args.compare:
         return compare(*(json.loads(p.read_text()) for p in args.compare))
     if args.out is None:
         ap.error("--out or --compare")
     with tempfile.TemporaryDirectory(prefix="store_identity_") as tmp:
-        digests = build_all([n for n in args.datasets.split(",") if n], Path(tmp))
+        digests = build_all([n for n in args.datasets.split(",") if n], Path(tmp), args.overrides)
     args.out.write_text(json.dumps(digests, indent=1, sort_keys=True))
     return 0
 
