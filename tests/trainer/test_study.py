@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from medsass.testing import make_synthetic_store
 from medsass.trainer.cli import main
 from medsass.trainer.study import ledger
-from medsass.trainer.study.spec import budget_count, parse_budget
+from medsass.trainer.study.spec import budget_count, load_study, parse_budget
 from medsass.trainer.study.stats import estimate, micro_iou, paired_difference
 
 torch.set_num_threads(1)
@@ -121,6 +121,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     table = (tmp_path / "results" / "table.md").read_text()
     for text in ("## synth", "Paired differences", "Cross-site", "Convergence check", "Compute", "SimCLR encoder",
                  "Which images to label", "hybrid − random", "Errors on the test split", "Errors on other", "end-to-end (store+sites)",
+                 "end-to-end (store+sites) − scratch",
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
     assert (tmp_path / "results" / "synth.png").stat().st_size > 1000
@@ -168,3 +169,23 @@ def test_study_dry_run_and_bad_file(tmp_path):
     path.write_text(yaml.safe_dump(data))
     res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])
     assert res.exit_code == 2 and "trian" in res.output
+
+
+def test_pinning_the_thresholding_in_prep_overrides_keeps_the_job_keys(tmp_path):
+    """A study file that pins threshold.polarity=auto (done when the prep default became store, so the ledgers kept
+    their meaning) must find its finished runs: thresholding overrides stay out of the job keys (the pseudo-masks
+    they change are in the target's data digest); other prep overrides change the keys."""
+    from medsass.trainer.study.jobs import StudyData, make_jobs
+
+    def keys(overrides: list[str]) -> list[str]:
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+            "out_dir": "out", "results_dir": "res", "seeds": [0], "budgets": ["1"], "arms": ["scratch", "end_to_end"],
+            "convergence": None, "prep": {"size": 32, "overrides": overrides},
+            "datasets": [{"name": "d", "store": "x.zarr", "targets": ["store"]}], "train": {"base": "cpu_small"}}))
+        study, train = load_study(tmp_path / "s.yaml")
+        data = [StudyData("d", {"store": "x.zarr"}, {}, {}, 10, digests={"store": "abc", "images": "def"})]
+        return [j.key for j in make_jobs(study, train, data)]
+
+    before = keys([])
+    assert len(before) == 3 and keys(["threshold.polarity=auto"]) == before  # pretrain, scratch, end-to-end
+    assert set(keys(["geometry.resize=pad"])).isdisjoint(before)

@@ -134,6 +134,7 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
              (("ssl", main), ("scratch", main)), (("end_to_end", main), ("ssl", main)),
              (("end_to_end", main), ("encoder_only", main))]
     pairs += [(("end_to_end", main), ("end_to_end", t)) for t in list(d.stores)[1:]]
+    pairs += [(("end_to_end", t), ("scratch", main)) for t in list(d.stores)[1:]]  # each target against scratch too
     if study.init_weights:  # init weights vs scratch, what pseudo-mask pretraining adds to them, and vs it from scratch
         extra = [(("weights", main), ("scratch", main)), (("weights_end_to_end", main), ("weights", main)),
                  (("weights_end_to_end", main), ("end_to_end", main)), (("end_to_end", main), ("weights", main))]
