@@ -13,7 +13,8 @@ jls = JPEG-LS lossless).
 
 Arms per set and encoding, interleaved, best of --repeat:
   floor   ``pydicom.dcmread(path).pixel_array`` over all files in 2 processes (a Pool; warmed up);
-  build   ``medsass-prep build-masks --size 256 --no-progress`` with 1 and 2 workers, default method and ``otsu``:
+  build   ``medsass-prep build-masks --size 256 --no-progress`` with 1 and 2 workers, default method and ``otsu``,
+          and with 2 workers ``--polarity auto`` (per image, the default before 2026-12-05: the price of the vote):
           the whole command (start-up included) and its shard phase alone (from the store's runs.jsonl).
 Prints images/s, MB/s (decoded pixel bytes), the ratios build / floor, CPU ms per image of the floor (the decode)
 and of build-masks' tasks (summed over workers; on a busy machine their ratio is the steadier figure), and (unless
@@ -39,6 +40,9 @@ sys.path.insert(0, str(HERE))
 from dicom_fixtures import encodable, make_dicoms  # noqa: E402 (benchmarks/ is not a package)
 
 METHODS = {"default": None, "otsu": "otsu"}
+# arms timed: label -> (build-masks options, worker counts). "auto": the default method with per-image polarity, the
+# default before 2026-12-05 (the default's store-level polarity adds a vote that reads up to 200 inputs once more)
+ARMS = {"default": ((), (1, 2)), "auto": (("--polarity", "auto"), (2,)), "otsu": (("--method", "otsu"), (1, 2))}
 
 
 def set_specs(n: int, side: int) -> dict[str, dict]:
@@ -179,9 +183,9 @@ def run_benchmark(args) -> dict:
                 floor = decode_floor(paths)
                 r["floor"] = max(r.get("floor", 0.0), floor[0])
                 r["floor_cpu_ms"] = min(r.get("floor_cpu_ms", float("inf")), floor[2])
-                for label, method in METHODS.items():
-                    for w in (1, 2):
-                        res = build_masks(src, work / "store.zarr", w, method, memory=name == "large")
+                for label, (opts, workers) in ARMS.items():
+                    for w in workers:
+                        res = build_masks(src, work / "store.zarr", w, None, memory=name == "large", extra=opts)
                         arm = f"{label}_{w}w"
                         prev = r.get(arm)
                         if prev is None or res["whole"] > prev["whole"]:
@@ -201,8 +205,8 @@ def report(results: dict) -> str:
     for key, r in results.items():
         mb = r["pixel_mb"] / r["n"]
         first = True
-        for label in METHODS:
-            for w in (1, 2):
+        for label, (_, workers) in ARMS.items():
+            for w in workers:
                 a = r[f"{label}_{w}w"]
                 floor = f"{r['floor']:6.1f} ({r['floor'] * mb:5.0f})" if first else ""
                 cpu = f"{r['floor_cpu_ms']:.1f} /" if first else ""
@@ -212,7 +216,7 @@ def report(results: dict) -> str:
                     f"{a['shards']:6.1f} ({a['shards'] * mb:5.0f}) {a['shards'] / r['floor']:6.2f} {a['startup_s']:10.1f} "
                     f"{cpu:>8s} {a['cpu_ms']:6.1f} {r['floor_cpu_ms'] / a['cpu_ms']:6.2f}")
                 first = False
-        peaks = [r[f"{m}_{w}w"].get("peak_rss_mb") for m in METHODS for w in (1, 2)]
+        peaks = [r[f"{m}_{w}w"].get("peak_rss_mb") for m, (_, workers) in ARMS.items() for w in workers]
         if any(peaks):
             lines.append(f"{'':12s} peak RSS per worker: {max(p for p in peaks if p):.0f} MB "
                          f"({r['shape'][0]}x{r['shape'][1]}, {r['pixel_mb'] / r['n']:.0f} MB of pixels per image)")
