@@ -174,7 +174,7 @@ def test_study_dry_run_and_bad_file(tmp_path):
 def test_pinning_the_thresholding_in_prep_overrides_keeps_the_job_keys(tmp_path):
     """A study file that pins threshold.polarity=auto (done when the prep default became store, so the ledgers kept
     their meaning) must find its finished runs: thresholding overrides stay out of the job keys (the pseudo-masks
-    they change are in the target's data digest); other prep overrides change the keys."""
+    they change are in the target's data digest); other prep overrides (the stored images) change the keys."""
     from medsass.trainer.study.jobs import StudyData, make_jobs
 
     def keys(overrides: list[str]) -> list[str]:
@@ -189,3 +189,4 @@ def test_pinning_the_thresholding_in_prep_overrides_keeps_the_job_keys(tmp_path)
     before = keys([])
     assert len(before) == 3 and keys(["threshold.polarity=auto"]) == before  # pretrain, scratch, end-to-end
     assert set(keys(["geometry.resize=pad"])).isdisjoint(before)
+    assert set(keys(["threshold.intensity=minmax"])).isdisjoint(before)  # changes the stored images: new keys

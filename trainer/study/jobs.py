@@ -156,15 +156,19 @@ def _weights_pretrain_job(train, d: StudyData, seed: int, w: InitWeights, runs: 
                site_splits=d.site_splits, priority=_priority("weights_pretrain", seed, d_i, 0), init_weights=w.ident)
 
 
+PSEUDO_ONLY_KEYS = ("threshold.polarity", "threshold.method")  # prep keys that change the pseudo-masks only
+
+
 def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> list[Job]:
     """Every job of the study, deduplicated, in run order (see ``TIER``: the main comparison first, seed by seed)."""
     jobs: list[Job] = []
     runs = Path(study.out_dir) / "runs"
     prep = configio.to_dict(study.prep)
-    # prep overrides of the thresholding (e.g. threshold.polarity=auto, pinned when the prep default changed) stay out
-    # of the keys: what they change, the pseudo-masks, is in the target's data digest (stores.data_digest), and runs
-    # that never read pseudo-masks (scratch, SimCLR) do not depend on them
-    prep["overrides"] = [o for o in prep["overrides"] if not o.startswith("threshold.")]
+    # prep overrides of the pseudo-masks' side and method (e.g. threshold.polarity=auto, pinned when the prep default
+    # changed) stay out of the keys: they change only the pseudo-masks, which are in the target's data digest
+    # (stores.data_digest), and runs that never read pseudo-masks (scratch, SimCLR) do not depend on them. Other
+    # threshold keys (intensity, window) change the stored images too, which the digests do not see: they stay in.
+    prep["overrides"] = [o for o in prep["overrides"] if o.partition("=")[0].strip() not in PSEUDO_ONLY_KEYS]
     conv = study.convergence
     w = init_weights(study)
     for d_i, d in enumerate(data):
