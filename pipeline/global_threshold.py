@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from skimage import filters
 
-from .levels import Levels
+from .levels import Levels, all_finite
 from .mask_geometry import Blocks
 from .methods import METHODS
 
@@ -40,10 +40,8 @@ def check_gray(gray: np.ndarray, levels: Levels | None = None) -> np.ndarray:
         raise ValueError(f"gray must be integer or float, got dtype {gray.dtype}")
     if levels is not None and levels.shape != gray.shape:
         raise ValueError(f"levels have shape {levels.shape} but gray has shape {gray.shape}")
-    if np.issubdtype(gray.dtype, np.floating):
-        finite = np.isfinite(levels.values[levels.counts > 0]) if levels is not None else np.isfinite(gray)
-        if not finite.all():
-            raise ValueError("gray contains NaN or inf; replace them or exclude them with valid=")
+    if not all_finite(gray, levels):
+        raise ValueError("gray contains NaN or inf; replace them or exclude them with valid=")
     return gray
 
 

@@ -77,6 +77,13 @@ class Levels:
         return self.values[self.codes[::step, ::step]]
 
 
+def all_finite(gray: np.ndarray, levels: Levels | None = None) -> bool:
+    """Whether every value the image uses is finite (with ``levels``: the table's used values, not its pixels)."""
+    if gray.dtype.kind != "f":
+        return True
+    return bool(np.isfinite(levels.values[levels.counts > 0] if levels is not None else gray).all())
+
+
 def offset_codes(arr: np.ndarray, lo: int) -> np.ndarray:
     """``arr - lo`` as uint16 for an integer image whose values span at most 65,536 (wrap-around arithmetic)."""
     view = arr.view(np.uint16) if arr.dtype.itemsize == 2 else arr.astype(np.uint16)

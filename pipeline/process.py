@@ -21,6 +21,7 @@ from . import geometry
 from .discover import sniff
 from .intensity import to_uint8
 from .labels import binarize
+from .levels import all_finite
 from .methods import STORE_POLARITY, fg_flags, is_degenerate, store_qc_flags
 from .plan import PlanEntry
 from .readers import IN_MEMORY_FORMATS, VOLUME_FORMATS, add_reader_facts, probe, read
@@ -100,8 +101,7 @@ def process_entry(e: PlanEntry, rows: Sequence[int], params: dict, *, strict: bo
         gray = frame.pixels
         try:
             levels = frame.levels  # codes into a table of values (DICOM): histograms and uint8 from the codes
-            values_of = levels.values[levels.counts > 0] if levels is not None else gray
-            if gray.dtype.kind == "f" and not np.isfinite(values_of).all():
+            if not all_finite(gray, levels):
                 raise InputError(e.source, "nonfinite", "image has NaN or infinite values")
             places = geometry.placements(gray.shape, size, mode, g["tile_overlap"])
             if len(places) != e.records_per_frame:

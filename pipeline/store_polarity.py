@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from medsass import manifest
 from medsass.errors import MedsassWarning
 
+from .levels import all_finite
 from .methods import STORE_POLARITY
 from .output import BuildJob
 from .parallel import run_tasks
@@ -101,8 +101,7 @@ def vote_batch(items: Sequence[tuple[str, str, int]], method: str, max_pixels: i
                 continue
             frame = read(Path(path), fmt, [0], max_pixels=max_pixels)[0]
             gray, levels = frame.pixels, frame.levels  # levels: DICOM's table of values (histogram from the codes)
-            values = levels.values[levels.counts > 0] if levels is not None else gray  # as process_entry checks
-            if gray.dtype.kind == "f" and not np.isfinite(values).all():
+            if not all_finite(gray, levels):  # as process_entry checks
                 raise ValueError("non-finite pixels")
             out.append(auto_polarity(gray, method=method, levels=levels))  # as process_entry decides each record
         except Exception:  # noqa: BLE001 - a file the shards will report as failed; it just has no vote
