@@ -19,6 +19,14 @@ STYLE = {"scratch": ("tab:gray", "o"), "end_to_end": ("tab:red", "s"), "encoder_
          "ssl": ("tab:blue", "D"), "weights": ("tab:olive", "P"), "weights_end_to_end": ("tab:cyan", "X")}
 FALLBACK = ("tab:green", "v")  # an arm without a style of its own
 LINE_COLORS = {"floor": "black", "zero_shot": "tab:purple", "weights_zero_shot": "tab:brown"}
+# the other pseudo-mask targets (dotted): one colour each, for their fine-tuned lines and their no-label lines
+TARGET_COLORS = ("tab:green", "tab:pink", "tab:cyan", "tab:olive", "tab:brown")
+
+
+def target_color(d: StudyData, target: str) -> str:
+    """The colour of a pseudo-mask target other than the main one."""
+    others = [t for t in d.stores if t != d.main_target]
+    return TARGET_COLORS[others.index(target) % len(TARGET_COLORS)]
 
 
 def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], path: Path) -> bool:
@@ -39,23 +47,35 @@ def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list
             if not pts:
                 continue
             color, marker = STYLE.get(arm, FALLBACK)
+            if target != d.main_target:
+                color = target_color(d, target)
             ls = "-" if target == d.main_target else ":"
             xs = [n for n, _ in pts]
             ax.plot(xs, [e.mean for _, e in pts], ls, color=color, marker=marker, label=arm_label(arm, target, d.main_target))
             ax.fill_between(xs, [e.lo for _, e in pts], [e.hi for _, e in pts], color=color, alpha=0.15)
             drawn = True
-        for arm, color in LINE_COLORS.items():
-            e = idx.arm((d.name, where, d.main_target, arm, 0, 1), study.bootstrap)
-            if e is not None:
-                ax.axhline(e.mean, color=color, ls="--", lw=1, label=f"{arm_label(arm, d.main_target, d.main_target)} (no labels)")
+        for target in d.stores:  # the main target's no-label lines dashed, the other targets' dotted
+            for arm, color in LINE_COLORS.items():
+                e = idx.arm((d.name, where, target, arm, 0, 1), study.bootstrap)
+                if e is not None and not (arm == "floor" and target in d.pool_extra):  # pooled: the same masks' floor
+                    main = target == d.main_target
+                    ax.axhline(e.mean, color=color if main else target_color(d, target), lw=1,
+                               ls="--" if main else ((0, (1, 1)) if arm == "floor" else (0, (4, 1, 1, 1))),
+                               label=f"{arm_label(arm, target, d.main_target)} (no labels)")
         ax.set_xscale("log")
         ax.set_xlabel("labeled training images")
         ax.set_ylabel("micro IoU")
         ax.set_title(f"{d.name}: {'test split' if where == 'test' else where[5:] + ' (another site)'}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+    named: dict[str, object] = {}  # one legend under the panels (inside them it hid the lines)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            named.setdefault(label, handle)
     if drawn:
-        fig.tight_layout()
+        rows = -(-len(named) // 3)
+        fig.set_size_inches(6.5 * len(wheres), 4.5 + 0.22 * rows)
+        fig.legend(list(named.values()), list(named), loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.22 * rows / (4.5 + 0.22 * rows) + 0.01, 1, 1))
         with atomic_open(path) as fh:
             fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
