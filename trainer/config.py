@@ -114,6 +114,10 @@ class FinetuneConfig(StageConfig):
     subset_seed: int | None = None  # seed of the subset; null = the run's seed
     # or exactly these records: a picks.csv (column sample_id; others ignored) or a text file, one sample id per line
     labeled_ids: str | None = None
+    # score the starting weights on val before the first step: best.pt keeps them unless a fine-tuned checkpoint
+    # scores higher (a fine-tune on a few labels then never ends worse on val than the pretrained model it started
+    # from; docs/results/label_efficiency.md). Needs labeled val records; evaluate.checkpoint: best uses it
+    keep_start: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -212,6 +212,10 @@ class Loop:
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not (progress and self.dist.is_main), dynamic_ncols=True)
         busy, losses = 0.0, []  # seconds spent in train steps since the last log line (not eval / checkpoints)
+        if validate is not None and state.step == 0 and getattr(cfg, "keep_start", False):
+            state.best = validate(self.model)  # the starting weights are the first best.pt candidate
+            log.write({"step": 0, "val_iou": state.best, "best_val_iou": state.best})
+            checkpoint("best", state)
         while state.step < cfg.steps:
             t0 = time.perf_counter()
             losses.append(self.train_step(batches, state))

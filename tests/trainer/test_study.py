@@ -114,14 +114,14 @@ def test_study_end_to_end_and_resume(tmp_path):
     pooled = next(r for r in rows.values() if r["kind"] == "pretrain" and r["target"] == "store+sites")
     pool_cfg = yaml.safe_load((tmp_path / "out/runs/synth/store+sites/seed0/config.yaml").read_text())
     assert set(pool_cfg["pretrain"]["stores"]) == {"main", "site_other"} and pool_cfg["evaluate"]["stores"] == ["main"]
-    assert set(pooled["evals"]) == {"test", "site:other"}
+    assert set(pooled["evals"]) == {"test", "site:other", "val"}  # val: the start's score, for the keep_start arm
     # the SSL checkpoint carries a trained encoder and loads into the fine-tune arm
     ssl_final = torch.load(tmp_path / "out/runs/synth/ssl/seed0/pretrain/final.pt", weights_only=True)
     assert ssl_final["mode"] == "encoder_only" and ssl_final["model_args"]["encoder_name"] == TINY
     table = (tmp_path / "results" / "table.md").read_text()
     for text in ("## synth", "Paired differences", "Cross-site", "Convergence check", "Compute", "SimCLR encoder",
                  "Which images to label", "hybrid − random", "Errors on the test split", "Errors on other", "end-to-end (store+sites)",
-                 "end-to-end (store+sites) − scratch",
+                 "end-to-end (store+sites) − scratch", "### keep_start: fine-tunes that kept the pretrained model",
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
     assert (tmp_path / "results" / "synth.png").stat().st_size > 1000

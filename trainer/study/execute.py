@@ -68,6 +68,10 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
         row["evals"][f"site:{site}"] = _evaluate_site(job, site, store, ckpt)
     if job.sites:
         row["seconds"]["sites"] = round(time.time() - t2, 1)
+    if job.kind == "pretrain":  # the start's val IoU: what finetune.keep_start compares fine-tuned checkpoints with
+        t3 = time.time()
+        row["evals"]["val"] = evaluate_val(job, ckpt)
+        row["seconds"]["val"] = round(time.time() - t3, 1)
     if job.kind == "finetune" and not keep_final:
         (Path(job.dir) / "finetune" / "final.pt").unlink(missing_ok=True)
     return row
@@ -99,6 +103,17 @@ def _evaluate_site(job: Job, site: str, store: str, ckpt: Path) -> dict[str, Any
         for k in merged:
             merged[k] += part[k]
     return merged
+
+
+def evaluate_val(job: Job, ckpt: Path) -> dict[str, Any]:
+    """``ckpt`` scored on the val split of the job's main store (``<job dir>/val/``)."""
+    data = dict(job.config)
+    out = Path(job.dir) / "val"
+    data["out_dir"] = str(out)
+    data["evaluate"] = {**data.get("evaluate", {}), "checkpoint": str(ckpt), "splits": ["val"], "overlays": 0,
+                        "stores": ["main"]}
+    run_stages(load_config(data), ["evaluate"])
+    return _per_image(out / "evaluate" / "per_image.csv", "val")
 
 
 def _per_image(path: Path, split: str) -> dict[str, Any]:

@@ -46,6 +46,30 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
             else:
                 arm = f"strategy:{job.strategy}" if job.strategy else job.arm
                 out.append({**base, "arm": arm, "counts": np.array(ev["counts"])})
+        kept = kept_start(row, rows.get(job.needs or ""), job)
+        out += [{**e, "dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
+                 "budgets": job.budgets, "steps_factor": job.steps_factor, "key": job.key, "seconds": row["seconds"],
+                 "labeled_ids": row.get("labeled_ids", [])} for e in kept]
+    return out
+
+
+def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> list[dict[str, Any]]:
+    """The ``end_to_end_kept`` arm of an end-to-end fine-tune: what ``finetune.keep_start`` would have scored. The
+    start (the pretrained model) is the first best.pt candidate, so it is kept when its val IoU (the pretraining row's
+    val evaluation) is at least the fine-tune's best; the fine-tune's trajectory is the same either way
+    (tests/trainer/test_keep_start.py), so this is the run with keep_start, without running it again."""
+    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.steps_factor != 1 or pre is None
+            or "val" not in pre.get("evals", {}) or "best_val_iou" not in row.get("train_metrics", {})):
+        return []
+    start_wins = micro_iou(np.array(pre["evals"]["val"]["counts"])) >= row["train_metrics"]["best_val_iou"]
+    src = pre if start_wins else row
+    out = []
+    for where, ev in row["evals"].items():
+        chosen = src["evals"].get(where)
+        if chosen is None or chosen["ids"] != ev["ids"]:
+            return []
+        out.append({"eval": where, "ids": ev["ids"], "arm": "end_to_end_kept", "counts": np.array(chosen["counts"]),
+                    "start_kept": start_wins})
     return out
 
 
@@ -112,14 +136,16 @@ def table_arms(study: Study, d: StudyData) -> list[tuple[str, str]]:
     targets' arms."""
     main = d.main_target
     return ([("scratch", main)] + [(a, main) for a in study.arms if a != "scratch"]
-            + [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms])
+            + [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
+            + [("end_to_end_kept", t) for t in d.stores])
 
 
 def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
     """The arm table and the paired differences of one dataset on one evaluation (test split or a site)."""
     main, reps = d.main_target, study.bootstrap
-    arms = table_arms(study, d)
     key = lambda arm, t, n, f=1: (d.name, where, t, arm, n, f)  # noqa: E731
+    kept = kept_targets(d, idx)
+    arms = [(a, t) for a, t in table_arms(study, d) if a != "end_to_end_kept" or t in kept]
     lines = ["| labels | " + " | ".join(arm_label(a, t, main) for a, t in arms) + " |",
              "|---:|" + "---:|" * len(arms)]
     no_labels = [(arm, t) for t in d.stores for arm in (("floor", "zero_shot") if t not in d.pool_extra else ("zero_shot",))]
@@ -136,6 +162,7 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
     pairs += [(("end_to_end", main), ("end_to_end", t)) for t in list(d.stores)[1:]]
     pairs += [(("end_to_end", t), ("scratch", main)) for t in list(d.stores)[1:]]  # each target against scratch too
     pairs += [(("end_to_end", t), ("ssl", main)) for t in list(d.stores)[1:]]  # and against the SSL encoder (the paper's claim)
+    pairs += [(("end_to_end_kept", t), b) for t in kept for b in (("scratch", main), ("end_to_end", t))]
     if study.init_weights:  # init weights vs scratch, what pseudo-mask pretraining adds to them, and vs it from scratch
         extra = [(("weights", main), ("scratch", main)), (("weights_end_to_end", main), ("weights", main)),
                  (("weights_end_to_end", main), ("end_to_end", main)), (("end_to_end", main), ("weights", main))]
@@ -175,7 +202,8 @@ def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, lis
     mean over seeds), per arm and budget. A model that misses diseased lung at another site shows as FN, one that
     learned the pseudo-masks' dark background or borders as FP."""
     main = d.main_target
-    arms = table_arms(study, d)
+    kept = kept_targets(d, idx)
+    arms = [(a, t) for a, t in table_arms(study, d) if a != "end_to_end_kept" or t in kept]
     key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
     arms = [(a, t) for a, t in arms if any(idx.counts.get(key(a, t, n)) for n in budgets)]
     if not arms:
@@ -196,6 +224,34 @@ def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, lis
     for n, names in sorted(budgets.items()):
         if any(idx.counts.get(key(a, t, n)) for a, t in arms):
             lines.append(f"| {n} ({', '.join(names)}) | " + " | ".join(cell(a, t, n) for a, t in arms) + " |")
+    return lines
+
+
+def kept_targets(d: StudyData, idx: Index) -> list[str]:
+    """The targets whose keep_start arm kept the start somewhere on the test split (elsewhere it is the end-to-end arm,
+    so it gets no columns of its own)."""
+    out = []
+    for t in d.stores:
+        for k, by_seed in idx.counts.items():
+            if k[:4] == (d.name, "test", t, "end_to_end_kept"):
+                e2e = idx.counts.get((d.name, "test", t, "end_to_end", *k[4:]), {})
+                if any(s in e2e and not np.array_equal(c, e2e[s]) for s, c in by_seed.items()):
+                    out.append(t)
+                    break
+    return out
+
+
+def kept_section(d: StudyData, runs: list[dict[str, Any]]) -> list[str]:
+    """Per target and budget: in how many seeds ``finetune.keep_start`` would keep the pretrained (start) model."""
+    tally: dict[tuple[str, int], list[bool]] = defaultdict(list)
+    for r in runs:
+        if r["dataset"] == d.name and r["arm"] == "end_to_end_kept" and r["eval"] == "test":
+            tally[(r["target"], r["n_labels"])].append(r["start_kept"])
+    lines = []
+    for t in d.stores:
+        cells = [f"{n} labels {sum(v)} of {len(v)}" for (tt, n), v in sorted(tally.items()) if tt == t]
+        if cells:
+            lines.append(f"- {arm_label('end_to_end', t, d.main_target)}: " + ", ".join(cells) + " seeds")
     return lines
 
 
@@ -302,6 +358,9 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
             if errors:
                 md += ["", f"### Errors on {'the test split' if where == 'test' else where[5:]}: false positives / false "
                        "negatives as fractions of the true foreground (mean over seeds)", "", *errors]
+        kept = kept_section(d, runs)
+        if kept:
+            md += ["", "### keep_start: fine-tunes that kept the pretrained model (its val IoU was not beaten)", "", *kept]
         strat = strategies_section(study, d, idx, "test")
         if strat:
             md += ["", "### Which images to label (`medsass-train suggest` strategies, end-to-end arm, test IoU)", "", *strat]

@@ -28,13 +28,14 @@ WEIGHT_ARMS = ("weights", "weights_end_to_end")
 NO_LABEL_ARMS = ("floor", "zero_shot")
 ARM_NAMES = {"floor": "pseudo-mask floor", "zero_shot": "zero-shot", "scratch": "scratch", "end_to_end": "end-to-end",
              "encoder_only": "encoder-only", "ssl": "SimCLR encoder", "weights": "init weights",
-             "weights_end_to_end": "init weights + end-to-end", "weights_zero_shot": "init weights + pretrain, zero-shot"}
+             "weights_end_to_end": "init weights + end-to-end", "weights_zero_shot": "init weights + pretrain, zero-shot",
+             "end_to_end_kept": "end-to-end, keep_start"}
 
 
 def arm_label(arm: str, target: str, main_target: str) -> str:
     """How tables and plots name an arm (pseudo-mask arms of another target carry the target's name)."""
     name = ARM_NAMES.get(arm, arm)
-    return f"{name} ({target})" if arm in ("end_to_end", "encoder_only", "floor", "zero_shot") and target != main_target else name
+    return f"{name} ({target})" if arm in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot") and target != main_target else name
 
 
 @dataclass
