@@ -93,7 +93,8 @@ def test_weight_arms_run_report_and_leave_other_keys_alone(tmp_path, monkeypatch
                              for n in (1, 3)])
     digest = {"sha256": file_digest(tmp_path / "weights" / "enc.pt")}
     assert all(r.get("init_weights") == (digest if "weights" in r["arm"] else None) for r in rows)
-    assert all(set(r["evals"]) == {"test", "site:other"} for r in rows)
+    # pretrainings are also scored on val (the keep_start arm's start)
+    assert all(set(r["evals"]) == {"test", "site:other"} | ({"val"} if r["kind"] == "pretrain" else set()) for r in rows)
     by_seed = {}
     for r in rows:
         if r["kind"] == "finetune":
