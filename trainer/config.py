@@ -218,6 +218,9 @@ class TrainConfig:
                 raise ValueError(f"{where} names unknown store(s) {unknown}; stores are {list(self.stores)}")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {self.stages}")
+        if self.finetune.keep_start and "evaluate" in self.stages and self.evaluate.checkpoint == "finetune":
+            raise ValueError("finetune.keep_start changes only best.pt, but evaluate.checkpoint: finetune scores final.pt; "
+                             "set evaluate.checkpoint: best (or finetune.keep_start: false)")
 
     def stage_stores(self, stage: str) -> dict[str, float]:
         """Store name -> sampling weight for a stage (weight-0 stores dropped)."""

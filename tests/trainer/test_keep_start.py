@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from medsass.trainer import loop as loop_mod
 from medsass.trainer.config import load_config
 from medsass.trainer.run import run_stages
 
+from medsass.errors import ConfigError
 from medsass.testing import tiny_train_config
 
 
@@ -73,3 +75,9 @@ def test_the_study_reports_keep_start_from_the_pretraining_val_evaluation():
     assert kept_start(row, {"evals": {"test": pre["evals"]["test"]}}, job) == []  # an older line without val: no arm
     scratch = Job("finetune", "d", "t", "scratch", 0, "/x", {}, {}, n_labels=1)
     assert kept_start(row, pre, scratch) == []
+
+
+def test_keep_start_with_the_final_checkpoint_evaluated_is_an_error_that_says_what_to_change(tmp_path, store):
+    with pytest.raises(ConfigError, match="set evaluate.checkpoint: best"):
+        load_config(tiny_train_config(tmp_path, {"syn": store}, finetune={"keep_start": True},
+                                      evaluate={"checkpoint": "finetune"}))
