@@ -117,7 +117,7 @@ def evaluate_val(job: Job, ckpt: Path) -> dict[str, Any]:
 
 
 def _per_image(path: Path, split: str) -> dict[str, Any]:
-    """Test ids (sorted) with their model and pseudo-mask (floor) confusion counts."""
+    """The split's ids (sorted) with their model and pseudo-mask (floor) confusion counts."""
     with path.open() as fh:
         rows = sorted((r for r in csv.DictReader(fh) if r["split"] == split), key=lambda r: r["sample_id"])
     return {"ids": [r["sample_id"] for r in rows], "counts": [[int(r[k]) for k in COUNT_KEYS] for r in rows],

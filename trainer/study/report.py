@@ -33,10 +33,11 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
         row = rows.get(job.key)
         if row is None or "evals" not in row:
             continue
+        common = {"dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
+                  "budgets": job.budgets, "steps_factor": job.steps_factor, "key": job.key, "seconds": row["seconds"],
+                  "labeled_ids": row.get("labeled_ids", [])}
         for where, ev in row["evals"].items():
-            base = {"dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
-                    "budgets": job.budgets, "steps_factor": job.steps_factor, "eval": where, "ids": ev["ids"], "key": job.key,
-                    "seconds": row["seconds"], "labeled_ids": row.get("labeled_ids", [])}
+            base = {**common, "eval": where, "ids": ev["ids"]}
             if job.arm == "weights_pretrain":  # the same pseudo-masks as the main pretraining: no second floor
                 out.append({**base, "arm": "weights_zero_shot", "counts": np.array(ev["counts"])})
             elif job.kind == "pretrain":
@@ -46,10 +47,7 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
             else:
                 arm = f"strategy:{job.strategy}" if job.strategy else job.arm
                 out.append({**base, "arm": arm, "counts": np.array(ev["counts"])})
-        kept = kept_start(row, rows.get(job.needs or ""), job)
-        out += [{**e, "dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
-                 "budgets": job.budgets, "steps_factor": job.steps_factor, "key": job.key, "seconds": row["seconds"],
-                 "labeled_ids": row.get("labeled_ids", [])} for e in kept]
+        out += [{**common, **e} for e in kept_start(row, rows.get(job.needs or ""), job)]
     return out
 
 
