@@ -22,6 +22,7 @@ A checkpoint is a plain dict of tensors and plain data (so the safe loader reads
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -168,6 +169,28 @@ def resolve(path: str | Path, stage: str = "pretrain") -> Path:
         if cand.is_file():
             return cand
     raise ConfigError(f"no checkpoint at {path} (looked for the file, {path}/final.pt and {path}/{stage}/final.pt)")
+
+
+def resolve_model(path: str | Path) -> Path:
+    """The model ``predict`` and ``export`` use: a checkpoint file; or, of a run folder (or its ``finetune/``
+    folder), the fine-tuned checkpoint its evaluate stage scored (``best.pt`` or ``final.pt``, recorded by content
+    in ``evaluate/done``), so the metrics describe the model deployed; without that record ``best.pt`` where the
+    fine-tune kept one (what ``evaluate.checkpoint: auto`` scores), else ``final.pt``."""
+    path = Path(path)
+    stage = path / "finetune" if (path / "finetune").is_dir() else path if path.name == "finetune" else None
+    if path.is_file() or stage is None:
+        return resolve(path, "finetune")
+    found = [stage / n for n in ("best.pt", "final.pt") if (stage / n).is_file()]
+    if not found:
+        raise ConfigError(f"no fine-tuned checkpoint in {stage} (looked for best.pt and final.pt); run the finetune "
+                          "stage first, or give a .pt file")
+    marker = stage.parent / "evaluate" / "done"
+    if marker.is_file():
+        scored = json.loads(marker.read_text()).get("checkpoint")
+        for cand in found:
+            if same_file(scored, cand):
+                return cand
+    return found[0]
 
 
 def file_id(path: str | Path | None) -> dict[str, Any] | None:

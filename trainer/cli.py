@@ -213,7 +213,8 @@ def show_config(config: str, overrides: tuple[str, ...]) -> None:
 def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str, batch_size: int, threshold: float,
                 probabilities: bool, store: str | None, output_format: str, segment_label: str, segment_type: str,
                 segment_category: str) -> None:
-    """Masks for raw files/folders INPUTS with CHECKPOINT (a .pt file or a run folder: finetune/final.pt).
+    """Masks for raw files/folders INPUTS with CHECKPOINT (a .pt file, or a run folder: the fine-tuned checkpoint
+    its evaluate scored, best.pt or final.pt).
 
     Inputs are prepared exactly as the training store was (read from the checkpoint); masks come back
     at each input's original size: <name>_mask.png, or a multi-page <name>_mask.tif for multi-frame
@@ -254,7 +255,8 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, device: str,
 def export_cmd(checkpoint: str, fmt: str, out: str, threshold: float, store: str | None) -> None:
     """Export CHECKPOINT as ONNX or TorchScript, with the preprocessing predict applies.
 
-    CHECKPOINT is a .pt file or a run folder (its finetune/final.pt). OUT gets the network and preprocessing.json
+    CHECKPOINT is a .pt file, or a run folder (the fine-tuned checkpoint its evaluate scored: best.pt or final.pt).
+    OUT gets the network and preprocessing.json
     (size, resize mode, intensity scaling, threshold; see trainer/export.py)."""
     try:
         from medsass.trainer.export import JSON_NAME, export

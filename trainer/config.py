@@ -114,10 +114,10 @@ class FinetuneConfig(StageConfig):
     subset_seed: int | None = None  # seed of the subset; null = the run's seed
     # or exactly these records: a picks.csv (column sample_id; others ignored) or a text file, one sample id per line
     labeled_ids: str | None = None
-    # score the starting weights on val before the first step: best.pt keeps them unless a fine-tuned checkpoint
-    # scores higher (a fine-tune on a few labels then never ends worse on val than the pretrained model it started
-    # from; docs/results/label_efficiency.md). Needs labeled val records; evaluate.checkpoint: best uses it
-    keep_start: bool = False
+    # init end_to_end: score the pretrained weights on val before the first step; best.pt keeps them unless a
+    # fine-tuned checkpoint scores higher, so a fine-tune on a few labels never ends worse on val than the model it
+    # started from (docs/results/label_efficiency.md). Needs labeled val records; evaluate.checkpoint auto|best uses it
+    keep_start: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -136,7 +136,9 @@ class FinetuneConfig(StageConfig):
 class EvaluateConfig:
     stores: list[str] = field(default_factory=list)  # store names to evaluate on; [] = all stores
     splits: list[str] = field(default_factory=lambda: ["test"])  # one metrics.json entry per split
-    checkpoint: str = "finetune"  # pretrain | finetune | best (finetune's best.pt) | PATH to a .pt
+    # auto: finetune's best.pt (best val IoU) where the fine-tune had labeled val records, else its final.pt;
+    # pretrain (zero-shot) | finetune (final.pt) | best (best.pt) | PATH to a .pt
+    checkpoint: str = "auto"
     target: Literal["label", "pseudo_mask"] = "label"  # label: real masks; pseudo_mask: agreement with Otsu
     batch_size: int = 32  # per process
     threshold: float = 0.5  # on sigmoid probabilities, as smp.metrics
@@ -218,9 +220,6 @@ class TrainConfig:
                 raise ValueError(f"{where} names unknown store(s) {unknown}; stores are {list(self.stores)}")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {self.stages}")
-        if self.finetune.keep_start and "evaluate" in self.stages and self.evaluate.checkpoint == "finetune":
-            raise ValueError("finetune.keep_start changes only best.pt, but evaluate.checkpoint: finetune scores final.pt; "
-                             "set evaluate.checkpoint: best (or finetune.keep_start: false)")
 
     def stage_stores(self, stage: str) -> dict[str, float]:
         """Store name -> sampling weight for a stage (weight-0 stores dropped)."""
@@ -288,6 +287,8 @@ def stage_section(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     if loss["soft_labels"] == "threshold":  # added later: at its default it must not change older runs' sections
         del loss["soft_labels"]
     section = {**common, "stores": stores, "loss": loss, stage: configio.to_dict(getattr(cfg, stage))}
+    if stage == "finetune" and not cfg.finetune.keep_start:  # added later: off, it must match older runs' sections
+        del section["finetune"]["keep_start"]
     if stage == "finetune" and cfg.finetune.labeled_ids:  # the ids in the file, not only its path, decide the rows
         section["labeled_ids_sha256"] = sample_ids_digest(read_sample_ids(cfg.finetune.labeled_ids))
     return section

@@ -64,12 +64,13 @@ STEPS = [  # of every input; a volume's own steps (volume_steps) come first
 
 def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "onnx", threshold: float = 0.5,
            store: str | None = None) -> dict[str, Any]:
-    """Export ``checkpoint`` (a .pt, or a run folder: its finetune/final.pt) into ``out``; returns the JSON written."""
+    """Export ``checkpoint`` (a .pt, or a run folder: the fine-tuned checkpoint its evaluate scored, see
+    :func:`checkpoint.resolve_model`) into ``out``; returns the JSON written."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
-    path = ck.resolve(checkpoint, "finetune")
+    path = ck.resolve_model(checkpoint)
     state = ck.load(path)
     prep = prep_from_checkpoint(state, where=f"checkpoint {path}", store=store)
     model = load_model(state, torch.device("cpu"))

@@ -44,6 +44,7 @@ class LoopState:
     step: int = 0  # optimiser steps done
     batches: int = 0  # micro-batches this rank has consumed from its stream
     best: float | None = None  # best val IoU so far
+    best_step: int | None = None  # the step best.pt holds (0: the starting weights, kept by finetune.keep_start)
 
 
 def make_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
@@ -206,14 +207,17 @@ class Loop:
         log: MetricsLog,
         progress: bool = True,
         desc: str = "train",
+        keep_start: bool = False,
     ) -> LoopState:
-        """Train from ``state`` to ``cfg.steps``; ``checkpoint(kind, state)`` with kind last | best."""
+        """Train from ``state`` to ``cfg.steps``; ``checkpoint(kind, state)`` with kind last | best.
+
+        ``keep_start``: score the starting weights on val before step 1, as the first best.pt candidate."""
         cfg = self.cfg
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not (progress and self.dist.is_main), dynamic_ncols=True)
         busy, losses = 0.0, []  # seconds spent in train steps since the last log line (not eval / checkpoints)
-        if validate is not None and state.step == 0 and getattr(cfg, "keep_start", False):
-            state.best = validate(self.model)  # the starting weights are the first best.pt candidate
+        if validate is not None and state.step == 0 and keep_start:
+            state.best, state.best_step = validate(self.model), 0  # the starting weights: the first best.pt candidate
             log.write({"step": 0, "val_iou": state.best, "best_val_iou": state.best})
             checkpoint("best", state)
         while state.step < cfg.steps:
@@ -231,6 +235,7 @@ class Loop:
                 val = validate(self.model)
                 improved = state.best is None or val > state.best
                 state.best = val if improved else state.best
+                state.best_step = step if improved else state.best_step
                 log.write({"step": step, "val_iou": val, "best_val_iou": state.best})
                 if improved:
                     checkpoint("best", state)
@@ -243,6 +248,12 @@ class Loop:
 
 
 # -- a training stage, wired: model, data, checkpoints ---------------------------------------------
+
+
+def keeps_start(config, plan) -> bool:
+    """finetune.keep_start applies to a fine-tune that starts from a whole pretrained model (init end_to_end):
+    from scratch or from an encoder alone, the start is (partly) random and never the model to keep."""
+    return plan.stage == "finetune" and config.finetune.keep_start and plan.init == "end_to_end"
 
 
 def run_training(config, plan, dist) -> dict[str, Any]:
@@ -271,7 +282,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         model.load_state_dict(plan.resume["model"])
         loop.load_state_dict(plan.resume)
         ck.restore_rng(plan.resume["rng"])
-        state = LoopState(plan.resume["step"], plan.resume["batches"], plan.resume["best"])
+        state = LoopState(plan.resume["step"], plan.resume["batches"], plan.resume["best"], plan.resume.get("best_step"))
     stream = ShardStream(sources, seed=config.seed, rank=dist.rank, world_size=dist.world_size, shuffle_buffer=rt.shuffle_buffer,
                          batch_size=scfg.batch_size, start_batch=state.batches, in_memory_limit_mb=rt.in_memory_limit_mb)
     loader = make_loader(stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
@@ -287,7 +298,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
 
     def payload(kind: str, st: LoopState) -> dict[str, Any]:
         out = {"kind": kind, "stage": stage, "model": model.state_dict(), "model_args": model_args(config.model),
-               "mode": mode, "step": st.step, "batches": st.batches, "best": st.best, "config": configio.to_dict(config),
+               "mode": mode, "step": st.step, "batches": st.batches, "best": st.best, "best_step": st.best_step, "config": configio.to_dict(config),
                "section": stage_section(config, stage), "stores": digests, "num_workers": rt.num_workers,
                "world_size": dist.world_size, "rng": ck.capture_rng(), "encoder_weights": init_id}
         return {**out, **loop.state_dict()} if kind == "last" else out
@@ -307,10 +318,18 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         warnings.warn(replaced, MedsassWarning, stacklevel=2)
     try:
         with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
-            loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage)
+            loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage,
+                     keep_start=keeps_start(config, plan))
+        kept = keeps_start(config, plan) and bool(val_sources) and state.best_step == 0
+        if kept:
+            log.note(state.step, f"best.pt is the pretrained model: no fine-tuned checkpoint beat its val IoU "
+                                 f"{state.best:.4f} (finetune.keep_start)")
     finally:
         log.close()
-    summary = {"step": state.step, "best_val_iou": state.best, "samples": state.step * scfg.batch_size * scfg.grad_accum * dist.world_size}
+    summary = {"step": state.step, "best_val_iou": state.best, "best_step": state.best_step,
+               "samples": state.step * scfg.batch_size * scfg.grad_accum * dist.world_size}
+    if keeps_start(config, plan) and val_sources:
+        summary["start_kept"] = kept
     if dist.is_main:
         checkpoint("last", state)
         checkpoint("final", state)

@@ -223,10 +223,11 @@ def predict(
     threshold: float = 0.5, probabilities: bool = False, store: str | None = None, output_format: str = "png",
     segment: dicom_seg.SegmentSpec | None = None,
 ) -> list[dict[str, Any]]:
-    """Load ``checkpoint`` (a .pt file or a run folder: its finetune/final.pt) and predict ``inputs`` into ``out``."""
+    """Load ``checkpoint`` (a .pt file, or a run folder: the fine-tuned checkpoint its evaluate scored, see
+    :func:`checkpoint.resolve_model`) and predict ``inputs`` into ``out``."""
     if batch_size < 1 or not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size}) and --threshold in [0, 1] (got {threshold})")
-    path = ck.resolve(checkpoint, "finetune")
+    path = ck.resolve_model(checkpoint)
     state = ck.load(path)
     prep = prep_from_checkpoint(state, where=f"checkpoint {path}", store=store)
     dev = pick_device(device, option="--device")

@@ -141,7 +141,7 @@ def plan_run(config: TrainConfig, stages: Sequence[str], *, restart: bool = Fals
             ev = config.evaluate
             names = config.stage_stores("evaluate")
             plan.rows = {sp: {n: eval_rows(config.stores[n], sp, ev.target) for n in names} for sp in ev.splits}
-            plan.source = _eval_checkpoint(config, stages, digests, allow_changed_store)
+            plan.source = _eval_checkpoint(config, stages, digests, allow_changed_store, plans)
         else:
             _plan_training(config, plan, stages)
         if not restart:
@@ -224,9 +224,22 @@ def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) 
         )
 
 
-def _eval_checkpoint(config: TrainConfig, stages: Sequence[str], digests: dict[str, dict[str, str]], allow_changed: bool) -> Path:
-    """The checkpoint evaluate scores (checked now unless a stage of this run makes it)."""
+def eval_choice(config: TrainConfig, plans: Sequence[StagePlan]) -> str:
+    """``evaluate.checkpoint`` with ``auto`` resolved: finetune's best.pt where the fine-tune validates on labeled val
+    records (this run's finetune plan, or a best.pt a finished one left), else its final.pt."""
     choice = config.evaluate.checkpoint
+    if choice != "auto":
+        return choice
+    ft = next((p for p in plans if p.stage == "finetune"), None)
+    if ft is not None:
+        return "best" if ft.val_rows else "finetune"
+    return "best" if (Path(config.out_dir) / "finetune" / "best.pt").is_file() else "finetune"
+
+
+def _eval_checkpoint(config: TrainConfig, stages: Sequence[str], digests: dict[str, dict[str, str]], allow_changed: bool,
+                     plans: Sequence[StagePlan] = ()) -> Path:
+    """The checkpoint evaluate scores (checked now unless a stage of this run makes it)."""
+    choice = eval_choice(config, plans)
     named = {"pretrain": ("pretrain", "final.pt"), "finetune": ("finetune", "final.pt"), "best": ("finetune", "best.pt")}
     if choice in named:
         stage, fname = named[choice]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from medsass.trainer import checkpoint as ck_mod
 from medsass.trainer import loop as loop_mod
 from medsass.trainer.config import load_config
 from medsass.trainer.run import run_stages
@@ -38,7 +39,7 @@ def test_keep_start_scores_the_start_and_leaves_the_trajectory_alone(tmp_path, s
     assert all(torch.equal(final_off[k], final_on[k]) for k in final_off)
     best = torch.load(on / "finetune" / "best.pt", weights_only=True)
     top = max(v for _, v in vals)
-    assert best["best"] == top and best["step"] == next(s for s, v in vals if v == top)
+    assert best["best"] == top and best["step"] == next(s for s, v in vals if v == top) == best["best_step"]
 
 
 def test_keep_start_keeps_the_pretrained_weights_when_no_fine_tuned_checkpoint_beats_them(tmp_path, store, monkeypatch):
@@ -46,7 +47,10 @@ def test_keep_start_keeps_the_pretrained_weights_when_no_fine_tuned_checkpoint_b
     run_stages(cfg, ["pretrain"])
     scores = iter([0.9, 0.5, 0.6])  # the fine-tune's val checks: the start, step 2, step 4
     monkeypatch.setattr(loop_mod, "val_iou", lambda *a, **k: next(scores))
-    run_stages(cfg, ["finetune"])
+    summary = run_stages(cfg, ["finetune"])["finetune"].metrics
+    assert summary["start_kept"] is True and summary["best_step"] == 0
+    notes = [json.loads(x).get("note", "") for x in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert any("best.pt is the pretrained model" in n for n in notes)
     best = torch.load(tmp_path / "finetune" / "best.pt", weights_only=True)
     start = torch.load(tmp_path / "pretrain" / "final.pt", weights_only=True)["model"]
     assert best["step"] == 0 and best["best"] == 0.9
@@ -77,7 +81,56 @@ def test_the_study_reports_keep_start_from_the_pretraining_val_evaluation():
     assert kept_start(row, pre, scratch) == []
 
 
-def test_keep_start_with_the_final_checkpoint_evaluated_is_an_error_that_says_what_to_change(tmp_path, store):
-    with pytest.raises(ConfigError, match="set evaluate.checkpoint: best"):
-        load_config(tiny_train_config(tmp_path, {"syn": store}, finetune={"keep_start": True},
-                                      evaluate={"checkpoint": "finetune"}))
+def test_keep_start_is_the_default_and_applies_only_to_a_fine_tune_from_a_whole_pretrained_model(tmp_path, store):
+    assert load_config(tiny_train_config(tmp_path, {"syn": store})).finetune.keep_start
+    for init in ("scratch", "encoder_only"):  # a (partly) random start is never the model to keep: no step-0 check
+        out = tmp_path / init
+        cfg = load_config(tiny_train_config(out, {"syn": store}, pretrain={"steps": 2, "mode": "encoder_only"},
+                                            finetune={"steps": 2, "eval_every": 2, "init": init}))
+        run_stages(cfg, ["pretrain", "finetune"] if init != "scratch" else ["finetune"])
+        assert [s for s, _ in _val_lines(out)] == [2]
+    cfg = _cfg(tmp_path / "e2e", store, True)
+    run_stages(cfg, ["pretrain", "finetune"])
+    assert [s for s, _ in _val_lines(tmp_path / "e2e")] == [0, 2, 4]
+
+
+def test_evaluate_auto_scores_best_pt_where_the_fine_tune_had_val_labels_else_final_pt(tmp_path, store):
+    def scored(out, **finetune):
+        cfg = load_config(tiny_train_config(out, {"syn": store}, pretrain={"steps": 2},
+                                            finetune={"steps": 4, "eval_every": 2, **finetune}, evaluate={"overlays": 0}))
+        assert cfg.evaluate.checkpoint == "auto"  # the default
+        run_stages(cfg)
+        marker = json.loads((out / "evaluate" / "done").read_text())
+        return {name for name in ("best.pt", "final.pt")
+                if ck_mod.same_file(marker["checkpoint"], out / "finetune" / name)}
+
+    assert "best.pt" in scored(tmp_path / "val")
+    assert (tmp_path / "val" / "finetune" / "best.pt").is_file()
+    # val in the fine-tune's own splits: no held-out labels, no best.pt, so final.pt (not the error `best` gives)
+    assert scored(tmp_path / "noval", splits=["train", "val"]) == {"final.pt"}
+    assert not (tmp_path / "noval" / "finetune" / "best.pt").exists()
+    with pytest.raises(ConfigError, match="evaluate.checkpoint=finetune"):
+        run_stages(load_config(tiny_train_config(tmp_path / "best", {"syn": store}, finetune={"splits": ["train", "val"]},
+                                                 evaluate={"checkpoint": "best"})))
+
+
+def test_an_older_fine_tune_without_keep_start_resumes_and_skips_with_keep_start_false(tmp_path, store):
+    """Runs written before the option existed have no keep_start in their sections: false matches them."""
+    from medsass.trainer.config import stage_section
+
+    off = load_config(tiny_train_config(tmp_path, {"syn": store}, finetune={"keep_start": False}))
+    assert "keep_start" not in stage_section(off, "finetune")["finetune"]
+    assert stage_section(load_config(tiny_train_config(tmp_path, {"syn": store})), "finetune")["finetune"]["keep_start"]
+
+
+def test_a_study_refuses_keep_start_in_its_train_section_and_runs_its_fine_tunes_without_it(tmp_path):
+    from medsass.trainer.study.jobs import _identity, run_config
+    from medsass.trainer.study.spec import load_study
+
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\nout_dir: out\nresults_dir: res\ndatasets: [{name: d, store: x.zarr, targets: [store]}]\n"
+                     "train: {base: cpu_small, finetune: {keep_start: true}}\n")
+    with pytest.raises(ConfigError, match="keep_start.*remove the key"):
+        load_study(study)
+    cfg = run_config({"finetune": {"steps": 3}}, "x.zarr", tmp_path, 0)
+    assert cfg["finetune"]["keep_start"] is False and "keep_start" not in _identity(cfg)["finetune"]

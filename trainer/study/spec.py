@@ -255,6 +255,9 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict
         for s in d.sites:
             s.dataset, s.store = res(s.dataset), res(s.store)
     train = train_section(study.train, base)
+    if "keep_start" in (train.get("finetune") or {}):
+        raise ConfigError(f"{path}: train.finetune.keep_start: the study runs its fine-tunes without it and reports "
+                          "the keep_start arm from its ledger (the pretrainings' val scores); remove the key")
     try:  # the schedule must be a valid trainer config on its own
         load_config({**train, "out_dir": "x", "stores": {"main": "x"}})
     except ConfigError as exc:
