@@ -22,7 +22,6 @@ A checkpoint is a plain dict of tensors and plain data (so the safe loader reads
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -38,7 +37,7 @@ import torch
 import medsass
 from medsass.atomic import atomic_open
 from medsass.errors import ConfigError, MedsassWarning, StoreError, check_free_space, disk_full
-from medsass.manifest import file_digest, manifest_digest
+from medsass.manifest import file_digest, manifest_digest, read_json
 from medsass.store import open_store
 
 FORMAT = 1  # the layout above; raise it when a reader of the old layout would misread the new one
@@ -186,7 +185,11 @@ def resolve_model(path: str | Path) -> Path:
                           "stage first, or give a .pt file")
     marker = stage.parent / "evaluate" / "done"
     if marker.is_file():
-        scored = json.loads(marker.read_text()).get("checkpoint")
+        try:
+            scored = read_json(marker).get("checkpoint")
+        except (ValueError, AttributeError) as exc:  # torn or hand-edited: never guess which model was scored
+            raise ConfigError(f"{marker} cannot be read ({exc}); re-run the evaluate stage, or give the .pt file "
+                              "to use") from None
         for cand in found:
             if same_file(scored, cand):
                 return cand

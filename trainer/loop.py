@@ -293,6 +293,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     def validate(m: nn.Module) -> float:
         return val_iou(m, val_sources, batch_size=config.evaluate.batch_size, dist=dist, amp=loop.amp_dtype)
 
+    keep_start = keeps_start(config, plan) and bool(val_sources)  # nothing to score the start on without val
     digests = ck.store_digests(stores)
     mode = config.pretrain.mode if stage == "pretrain" else plan.init
 
@@ -319,8 +320,8 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     try:
         with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
             loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage,
-                     keep_start=keeps_start(config, plan))
-        kept = keeps_start(config, plan) and bool(val_sources) and state.best_step == 0
+                     keep_start=keep_start)
+        kept = keep_start and state.best_step == 0
         if kept:
             log.note(state.step, f"best.pt is the pretrained model: no fine-tuned checkpoint beat its val IoU "
                                  f"{state.best:.4f} (finetune.keep_start)")
@@ -328,7 +329,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         log.close()
     summary = {"step": state.step, "best_val_iou": state.best, "best_step": state.best_step,
                "samples": state.step * scfg.batch_size * scfg.grad_accum * dist.world_size}
-    if keeps_start(config, plan) and val_sources:
+    if keep_start:
         summary["start_kept"] = kept
     if dist.is_main:
         checkpoint("last", state)

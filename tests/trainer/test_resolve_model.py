@@ -42,3 +42,11 @@ def test_a_run_without_a_fine_tuned_checkpoint_says_what_to_do(tmp_path):
         ck.resolve_model(run)
     with pytest.raises(ConfigError, match="no checkpoint at"):
         ck.resolve_model(tmp_path / "nowhere")
+
+
+def test_an_unreadable_evaluate_record_is_an_error_naming_it(tmp_path):
+    run = _run(tmp_path, "best.pt", "final.pt")
+    (run / "evaluate").mkdir()
+    (run / "evaluate" / "done").write_text('{"stage": "evalu')  # torn
+    with pytest.raises(ConfigError, match="evaluate/done cannot be read.*re-run the evaluate stage"):
+        ck.resolve_model(run)
