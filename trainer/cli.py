@@ -150,11 +150,13 @@ def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bo
 @click.option("--targets", default="", metavar="LIST", help="Only these pseudo-mask targets (e.g. fov_otsu_hull,otsu,fov_otsu_hull+sites).")
 @click.option("--strategies", default="", metavar="LIST",
               help="Only fine-tune runs whose labels were picked this way (random = the main comparison; diverse, ...).")
+@click.option("--recipes", default="", metavar="LIST",
+              help="Only fine-tune runs of these recipes of the study (none = the arms as the grid runs them).")
 @click.option("--max-runs", type=click.IntRange(min=1), default=None, help="Stop after this many runs of the grid (in run order).")
 @click.option("--dry-run", is_flag=True, help="List the runs (done / todo) and train nothing.")
 @click.option("--report-only", is_flag=True, help="Write the tables and plots from the ledger; train nothing.")
 def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, targets: str,
-              strategies: str, max_runs: int | None,
+              strategies: str, recipes: str, max_runs: int | None,
               dry_run: bool, report_only: bool) -> None:
     """Run a label-efficiency study (STUDY: a study YAML, e.g. benchmarks/studies/scale_cpu.yaml); resumable.
 
@@ -170,7 +172,7 @@ def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds:
 
         outcome = run_study(study_file, overrides, datasets=split(datasets), seeds=[int(s) for s in split(seeds)] or None,
                             arms=split(arms), budgets=split(budgets), targets=split(targets),
-                            strategies=split(strategies), max_runs=max_runs, dry_run=dry_run, report_only=report_only,
+                            strategies=split(strategies), recipes=split(recipes), max_runs=max_runs, dry_run=dry_run, report_only=report_only,
                             log=lambda m: click.echo(m, err=True))
     except (MedsassError, ValueError) as exc:
         raise _fail(exc) from None

@@ -118,9 +118,14 @@ class FinetuneConfig(StageConfig):
     # fine-tuned checkpoint scores higher, so a fine-tune on a few labels never ends worse on val than the model it
     # started from (docs/results/label_efficiency.md). Needs labeled val records; evaluate.checkpoint auto|best uses it
     keep_start: bool = True
+    # the encoder's learning rate as a fraction of lr (the decoder and head keep lr): < 1 is a gentler fine-tune that
+    # moves the pretrained features less than the randomly initialised or task-specific parts; 1 = one lr for all
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 < self.encoder_lr_scale <= 1:
+            raise ValueError(f"encoder_lr_scale must be in (0, 1] (a fraction of lr for the encoder), got {self.encoder_lr_scale}")
         if self.label_fraction is not None and self.label_count is not None:
             raise ValueError("set label_fraction or label_count, not both (null one of them)")
         if self.labeled_ids is not None and (self.label_fraction is not None or self.label_count is not None):
@@ -289,6 +294,8 @@ def stage_section(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     section = {**common, "stores": stores, "loss": loss, stage: configio.to_dict(getattr(cfg, stage))}
     if stage == "finetune" and not cfg.finetune.keep_start:  # added later: off, it must match older runs' sections
         del section["finetune"]["keep_start"]
+    if stage == "finetune" and cfg.finetune.encoder_lr_scale == 1.0:  # added later: at its default, as older runs
+        del section["finetune"]["encoder_lr_scale"]
     if stage == "finetune" and cfg.finetune.labeled_ids:  # the ids in the file, not only its path, decide the rows
         section["labeled_ids_sha256"] = sample_ids_digest(read_sample_ids(cfg.finetune.labeled_ids))
     return section

@@ -26,7 +26,7 @@ from medsass.trainer.data import ShardStream, Source, make_loader
 from medsass.trainer.distributed import DistInfo
 from medsass.trainer.evaluate import EvalSource, val_iou
 from medsass.trainer.losses import LossFn, build_loss
-from medsass.trainer.model import build_model, freeze_unused, init_encoder, load_weights, model_args
+from medsass.trainer.model import ENCODER_PREFIX, build_model, freeze_unused, init_encoder, load_weights, model_args
 from medsass.trainer.precision import amp_dtype, use_channels_last
 from medsass.trainer.targets import BINARY, PROBABILITY, TARGET_TRANSFORMS, TargetTransform, binary_target, is_soft_target
 from medsass.trainer.weights import describe, replaced_since
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from medsass import configio, manifest
 from medsass.atomic import atomic_write_bytes
-from medsass.errors import MedsassWarning
+from medsass.errors import ConfigError, MedsassWarning
 from medsass.jsonl import read_jsonl
 
 
@@ -47,11 +47,26 @@ class LoopState:
     best_step: int | None = None  # the step best.pt holds (0: the starting weights, kept by finetune.keep_start)
 
 
+def param_groups(model: nn.Module, cfg: StageConfig) -> list[dict[str, Any]]:
+    """The trainable parameters: one group at ``cfg.lr``, or with ``encoder_lr_scale`` < 1 (finetune) the encoder's
+    at ``lr * encoder_lr_scale`` first and the rest (decoder, attention, head) at ``lr``. The schedule scales both."""
+    scale = getattr(cfg, "encoder_lr_scale", 1.0)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if scale == 1.0:
+        return [{"params": [p for _, p in params], "lr": cfg.lr}]
+    enc = [p for n, p in params if n.startswith(ENCODER_PREFIX)]
+    if not enc:
+        raise ConfigError(f"finetune.encoder_lr_scale={scale}: this model has no trainable encoder parameters "
+                          f"(named {ENCODER_PREFIX}*); set it to 1")
+    rest = [p for n, p in params if not n.startswith(ENCODER_PREFIX)]
+    return [{"params": enc, "lr": cfg.lr * scale}, {"params": rest, "lr": cfg.lr}]
+
+
 def make_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, cfg)
     if cfg.weight_decay > 0:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr)
 
 
 def lr_factor(step: int, cfg: StageConfig) -> float:
@@ -224,7 +239,8 @@ class Loop:
             t0 = time.perf_counter()
             losses.append(self.train_step(batches, state))
             busy += time.perf_counter() - t0
-            step, lr = state.step, self.scheduler.get_last_lr()[0]
+            # the last group's: lr itself (with finetune.encoder_lr_scale the first is the encoder's, scaled)
+            step, lr = state.step, self.scheduler.get_last_lr()[-1]
             rate = len(losses) * per_step / max(busy, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")

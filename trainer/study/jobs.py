@@ -30,7 +30,8 @@ from typing import Any
 
 from medsass.trainer import weights
 from medsass.trainer.config import FinetuneConfig
-from medsass.trainer.study.spec import PSEUDO_ARMS, WEIGHT_ARMS, Study, budget_count, parse_budget
+from medsass.trainer.study.spec import (PSEUDO_ARMS, WEIGHT_ARMS, RecipeSpec, Study, budget_count, parse_budget,
+                                        recipe_train)
 
 from medsass import configio
 from medsass.errors import MedsassError
@@ -39,7 +40,7 @@ from medsass.manifest import file_digest
 # Run order: the main comparison (the convergence check first, since it decides whether the schedule is long enough;
 # then pretraining, scratch and end-to-end) seed by seed; then the SSL baseline, encoder-only and the other targets.
 TIER = {"convergence": 0, "pretrain": 1, "scratch": 2, "end_to_end": 3, "ssl_pretrain": 4, "ssl": 5, "strategy": 6,
-        "encoder_only": 7, "other_target": 8, "weights": 9, "weights_pretrain": 10, "weights_end_to_end": 11}
+        "encoder_only": 7, "other_target": 8, "weights": 9, "weights_pretrain": 10, "weights_end_to_end": 11, "recipe": 12}
 
 
 def _priority(tier: str, seed: int, *rest: int) -> tuple:
@@ -78,6 +79,7 @@ class Job:
     budgets: list[str] = field(default_factory=list)
     steps_factor: int = 1  # > 1: a convergence-check run
     strategy: str | None = None  # labeled images chosen by ``medsass-train suggest`` with this strategy
+    recipe: str | None = None  # the arm fine-tuned with this recipe's finetune keys (the study's ``recipes``)
     needs: str | None = None  # key of the job this one starts from
     sites: dict[str, str] = field(default_factory=dict)
     site_splits: dict[str, list[str]] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class Job:
         extra = f" n={self.n_labels}" if self.kind == "finetune" else ""
         extra += f" x{self.steps_factor} steps" if self.steps_factor > 1 else ""
         extra += f" picked by {self.strategy}" if self.strategy else ""
+        extra += f" recipe {self.recipe}" if self.recipe else ""
         return f"{self.dataset} {self.target} {self.arm} seed{self.seed}{extra}"
 
 
@@ -240,7 +243,35 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                                                   ssl_job, runs, data_id, d_i))
                     for name in st.names:
                         jobs.append(_strategy_job(study, train, d, seed, n, names, name, pre[d.main_target], runs, data_id, d_i))
+            for r in study.recipes:
+                if r.datasets and d.name not in r.datasets:
+                    continue
+                r_counts: dict[int, list[str]] = defaultdict(list)
+                for b in r.budgets:
+                    r_counts[budget_count(b, d.n_labeled_train)].append(b)
+                for n, names in sorted(r_counts.items()):
+                    for target, arm in _recipe_plan(study, d, r, pre, ssl_job):
+                        jobs.append(_finetune_job(study, train, d, target, arm, seed, n, names, 1, pre, ssl_job, runs,
+                                                  data_id, d_i, w, recipe=r))
     return _dedupe(jobs)
+
+
+def _recipe_plan(study: Study, d: StudyData, r: RecipeSpec, pre: dict[str, Job], ssl_job: Job | None) -> list[tuple[str, str]]:
+    """The (target, arm) runs of a recipe on one dataset; an arm whose start the grid does not make is an error."""
+    targets = r.targets or [d.main_target]
+    unknown = [t for t in targets if t not in d.stores]
+    if unknown:
+        raise MedsassError(f"recipes.{r.name}.targets: {unknown} are not targets of {d.name} ({', '.join(d.stores)})")
+    plan = []
+    for arm in r.arms:
+        for target in (targets if arm in PSEUDO_ARMS else [d.main_target]):
+            if arm in PSEUDO_ARMS and target not in pre:
+                raise MedsassError(f"recipes.{r.name}: {arm} on {d.name}'s {target} needs its pretraining, which the "
+                                   "study does not run: add end_to_end to arms (main target) or other_targets.arms")
+            if arm == "ssl" and ssl_job is None:
+                raise MedsassError(f"recipes.{r.name}: the ssl arm needs the SimCLR pretraining: add ssl to arms")
+            plan.append((target, arm))
+    return plan
 
 
 # the fine-tune init of arms not named after one (the others: init = arm)
@@ -248,19 +279,19 @@ ARM_INIT = {"ssl": "encoder_only", "weights": "scratch", "weights_end_to_end": "
 
 
 def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i,
-                  w: InitWeights | None = None) -> Job:
+                  w: InitWeights | None = None, recipe: RecipeSpec | None = None) -> Job:
     main = target == d.main_target
     if arm in ("scratch", "ssl", *WEIGHT_ARMS):
         target = d.main_target
     source = (None if arm in ("scratch", "weights") else ssl_job if arm == "ssl" else
               pre[WEIGHTS_PRE] if arm == "weights_end_to_end" else pre[target])
-    sub = f"n{n:03d}" + (f"_x{factor}" if factor > 1 else "")
+    sub = f"n{n:03d}" + (f"_x{factor}" if factor > 1 else "") + (f"_{recipe.name}" if recipe else "")
     out = runs / d.name / (target if arm in PSEUDO_ARMS else arm) / f"seed{seed}" / sub / (arm if arm in PSEUDO_ARMS else "")
     if arm == "weights":
         out = runs / d.name / w.slug / f"seed{seed}" / sub
     elif arm == "weights_end_to_end":
         out = Path(source.dir) / sub / "end_to_end"
-    cfg = run_config(train, d.stores[target], out, seed)
+    cfg = run_config(recipe_train(train, recipe) if recipe else train, d.stores[target], out, seed)
     if arm == "weights":
         _with_weights(cfg, w)
     fc = cfg["finetune"]
@@ -275,13 +306,16 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
     if arm == "weights":
         ident = _weights_identity(ident, w)
     conv = study.convergence
-    if conv and arm in conv.arms and n in {budget_count(b, d.n_labeled_train) for b in conv.budgets} and main:
+    if recipe:
+        tier = "recipe"
+    elif conv and arm in conv.arms and n in {budget_count(b, d.n_labeled_train) for b in conv.budgets} and main:
         tier = "convergence"  # both the long run and the run it checks
     else:
         tier = arm if main else "other_target"
     return Job("finetune", d.name, target, arm, seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                steps_factor=factor, needs=source.key if source else None, sites=d.sites, site_splits=d.site_splits,
-               priority=_priority(tier, seed, d_i, n, factor), init_weights=w.ident if w and arm in WEIGHT_ARMS else None)
+               priority=_priority(tier, seed, d_i, n, factor), init_weights=w.ident if w and arm in WEIGHT_ARMS else None,
+               recipe=recipe.name if recipe else None)
 
 
 def _strategy_job(study, train, d: StudyData, seed, n, names, strategy, source: Job, runs, data_id, d_i) -> Job:
@@ -327,19 +361,21 @@ def _budget_order(b: str) -> tuple[int, float]:
 
 
 def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=None, targets=None, strategies=None,
-           max_runs: int | None = None) -> list[Job]:
+           recipes=None, max_runs: int | None = None) -> list[Job]:
     """A subset of the grid (with the pretrain jobs the chosen fine-tune jobs need).
 
     ``targets`` keeps runs on those pseudo-mask targets (e.g. ``fov_otsu_hull``, ``otsu``, ``fov_otsu_hull+sites``);
     ``strategies`` keeps fine-tune runs whose labeled images were picked that way (``random``: the budget's random
-    subset, i.e. the main comparison).
+    subset, i.e. the main comparison); ``recipes`` keeps fine-tune runs of those recipes (``none``: the arms as the grid
+    runs them).
     """
     def chosen_finetune(j: Job) -> bool:
         return ((not arms or j.arm in arms) and (not budgets or bool(set(j.budgets) & set(budgets)))
-                and (not targets or j.target in targets) and (not strategies or (j.strategy or "random") in strategies))
+                and (not targets or j.target in targets) and (not strategies or (j.strategy or "random") in strategies)
+                and (not recipes or (j.recipe or "none") in recipes))
 
     keep = [j for j in jobs if (not datasets or j.dataset in datasets) and (seeds is None or j.seed in seeds)
             and (j.kind != "finetune" or chosen_finetune(j))]
     needed = {j.needs for j in keep if j.kind == "finetune"}
-    keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not (arms or budgets or targets or strategies)]
+    keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not (arms or budgets or targets or strategies or recipes)]
     return keep[:max_runs] if max_runs else keep

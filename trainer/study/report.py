@@ -16,7 +16,7 @@ import numpy as np
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, StudyData
 from medsass.trainer.study.plot import plot_dataset
-from medsass.trainer.study.spec import ARM_NAMES, WEIGHT_ARMS, Study, arm_label, budget_count
+from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count
 from medsass.trainer.study.stats import Estimate, estimate, micro_iou, paired_difference
 from medsass.trainer.study.stores import prep_seconds
 
@@ -45,7 +45,7 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
                 if ev["floor_counts"] and all(ev["floor_counts"]):
                     out.append({**base, "arm": "floor", "counts": np.array(ev["floor_counts"])})
             else:
-                arm = f"strategy:{job.strategy}" if job.strategy else job.arm
+                arm = f"strategy:{job.strategy}" if job.strategy else recipe_arm(job.arm, job.recipe)
                 out.append({**base, "arm": arm, "counts": np.array(ev["counts"])})
         out += [{**common, **e} for e in kept_start(row, rows.get(job.needs or ""), job)]
     return out
@@ -56,7 +56,7 @@ def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> lis
     start (the pretrained model) is the first best.pt candidate, so it is kept when its val IoU (the pretraining row's
     val evaluation) is at least the fine-tune's best; the fine-tune's trajectory is the same either way
     (tests/trainer/test_keep_start.py), so this is the run with keep_start, without running it again."""
-    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.steps_factor != 1 or pre is None
+    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.recipe or job.steps_factor != 1 or pre is None
             or "val" not in pre.get("evals", {}) or "best_val_iou" not in row.get("train_metrics", {})):
         return []
     start_wins = micro_iou(np.array(pre["evals"]["val"]["counts"])) >= row["train_metrics"]["best_val_iou"]
@@ -193,6 +193,40 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
         cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
+
+
+def recipe_arm(arm: str, recipe: str | None) -> str:
+    """The report's arm of a recipe's runs (``end_to_end+gentle``); the arm itself without one."""
+    return f"{arm}+{recipe}" if recipe else arm
+
+
+def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:
+    """Each recipe against its arm as the grid runs it and against scratch (paired by seed: same start, same labels)."""
+    lines: list[str] = []
+    main, reps = d.main_target, study.bootstrap
+    for r in study.recipes:
+        if r.datasets and d.name not in r.datasets:
+            continue
+        ns = sorted({budget_count(b, d.n_labeled_train) for b in r.budgets})
+        key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
+        for arm in r.arms:
+            for t in ((r.targets or [main]) if arm in PSEUDO_ARMS else [main]):
+                var, base = arm_label(arm, t, main) + f" + {r.name}", arm_label(arm, t, main)
+                if not any(idx.counts.get(key(recipe_arm(arm, r.name), t, n)) for n in ns):
+                    continue
+                cols = [(arm, t, base), (recipe_arm(arm, r.name), t, var), ("scratch", main, "scratch")]
+                pairs = [((recipe_arm(arm, r.name), t), (arm, t)), ((recipe_arm(arm, r.name), t), ("scratch", main))]
+                if arm == "scratch":
+                    cols, pairs = cols[:2], pairs[:1]
+                lines += ["" if lines else None, f"`{r.name}`: finetune {r.finetune}", "",
+                          "| labels | " + " | ".join(c[2] for c in cols) + " | " + " | ".join(
+                              f"{var} − {base if b[0] == arm else 'scratch'}" for _, b in pairs) + " |",
+                          "|---:|" + "---:|" * (len(cols) + len(pairs))]
+                for n in ns:
+                    cells = [fmt(idx.arm(key(a, tt, n), reps)) for a, tt, _ in cols]
+                    cells += [fmt_diff(idx.diff(key(*a, n), key(*b, n), reps)) for a, b in pairs]
+                    lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return [x for x in lines if x is not None]
 
 
 def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
@@ -362,6 +396,11 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
         strat = strategies_section(study, d, idx, "test")
         if strat:
             md += ["", "### Which images to label (`medsass-train suggest` strategies, end-to-end arm, test IoU)", "", *strat]
+        for where in ["test", *(f"site:{site}" for site in d.sites)]:
+            rec = recipes_section(study, d, idx, where)
+            if rec:
+                md += ["", f"### Fine-tune recipes on {'the test split' if where == 'test' else where[5:]} (micro IoU; "
+                       "paired differences as above)", "", *rec]
         conv = convergence(study, d, idx, budgets)
         if conv:
             md += ["", "### Convergence check (scratch, test IoU)", "", *conv]

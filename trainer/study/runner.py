@@ -53,13 +53,13 @@ def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[Study
 
 def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[str] = (), seeds: Sequence[int] | None = None,
               arms: Sequence[str] = (), budgets: Sequence[str] = (), targets: Sequence[str] = (),
-              strategies: Sequence[str] = (), max_runs: int | None = None, dry_run: bool = False, report_only: bool = False,
+              strategies: Sequence[str] = (), recipes: Sequence[str] = (), max_runs: int | None = None, dry_run: bool = False, report_only: bool = False,
               log=print) -> StudyOutcome:
     study, train = load_study(path, list(overrides))
     data = prepare(study, datasets, log)
     jobs = make_jobs(study, train, data)
     chosen = select(jobs, datasets=datasets, seeds=seeds, arms=arms, budgets=budgets, targets=targets,
-                    strategies=strategies, max_runs=max_runs)
+                    strategies=strategies, recipes=recipes, max_runs=max_runs)
     done = ledger.read_ledger(study.results_dir)
     if dry_run:
         for j in chosen:

@@ -144,6 +144,40 @@ class StrategiesSpec:
                              "(random: suggest's own random order; the end-to-end arm's subset is the baseline)")
 
 
+# finetune keys that define the comparison itself (which start, which labels, what is kept): not a recipe's to change
+RECIPE_FIXED = ("init", "pretrained", "label_count", "label_fraction", "labeled_ids", "subset_seed", "keep_start",
+                "splits", "stores")
+
+
+@dataclass
+class RecipeSpec:
+    """A variant of a fine-tune arm: the same pretrained start, labeled images, seed and test images, with some
+    ``finetune`` keys changed (e.g. a gentler fine-tune, ``{encoder_lr_scale: 0.1}``); the report pairs it with the
+    arm as the grid runs it (``end-to-end + NAME − end-to-end``) and with scratch."""
+
+    name: str  # letters, digits, _ and -; the runs go to <seed>/n<NNN>_<name>/
+    finetune: dict[str, Any]  # trainer finetune keys (nested sections allowed), over the study's train.finetune
+    arms: list[str] = field(default_factory=lambda: ["end_to_end"])
+    budgets: list[str] = field(default_factory=lambda: ["1", "2", "5"])
+    targets: list[str] = field(default_factory=list)  # pseudo-mask targets of the pseudo-mask arms; [] = the main one
+    datasets: list[str] = field(default_factory=list)  # [] = every dataset of the study
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise ValueError(f"recipes: name {self.name!r}: use letters, digits, _ and - only")
+        if not self.finetune:
+            raise ValueError(f"recipes.{self.name}.finetune is empty: name the finetune keys it changes")
+        fixed = sorted(set(self.finetune) & set(RECIPE_FIXED))
+        if fixed:
+            raise ValueError(f"recipes.{self.name}.finetune: {fixed} define the comparison (start, labels, what is "
+                             "kept); a recipe changes how the fine-tune trains, e.g. lr, encoder_lr_scale, augment, steps")
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad or not self.arms:
+            raise ValueError(f"recipes.{self.name}.arms: {bad or 'empty'}; choose from {', '.join(ARMS)}")
+        for b in self.budgets:
+            parse_budget(b)
+
+
 @dataclass
 class ConvergenceSpec:
     """The convergence check: scratch (or other arms) re-run with ``factor`` x the fine-tune steps."""
@@ -171,6 +205,7 @@ class Study:
     ssl: SSLSpec = field(default_factory=SSLSpec)
     convergence: ConvergenceSpec | None = field(default_factory=ConvergenceSpec)
     strategies: StrategiesSpec | None = None
+    recipes: list[RecipeSpec] = field(default_factory=list)  # fine-tune variants, each paired with its arm
     prep: PrepSpec = field(default_factory=PrepSpec)
     jobs: int = 1  # training runs in parallel (processes); each uses train.runtime.threads threads
     keep_final: bool = False  # keep each fine-tune run's final.pt (best.pt, the one evaluated, is always kept)
@@ -199,6 +234,12 @@ class Study:
         names = [d.name for d in self.datasets] + [s.name for d in self.datasets for s in d.sites]
         if len(set(d.name for d in self.datasets)) != len(self.datasets):
             raise ValueError(f"dataset names must be unique: {names}")
+        recipes = [r.name for r in self.recipes]
+        if len(set(recipes)) != len(recipes):
+            raise ValueError(f"recipe names must be unique: {recipes}")
+        unknown = sorted({n for r in self.recipes for n in r.datasets} - {d.name for d in self.datasets})
+        if unknown:
+            raise ValueError(f"recipes name datasets the study does not have: {unknown}")
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -262,4 +303,14 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict
         load_config({**train, "out_dir": "x", "stores": {"main": "x"}})
     except ConfigError as exc:
         raise ConfigError(f"{path}: train: {exc}") from None
+    for r in study.recipes:  # and with each recipe
+        try:
+            load_config({**recipe_train(train, r), "out_dir": "x", "stores": {"main": "x"}})
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: recipes.{r.name}: {exc}") from None
     return study, train
+
+
+def recipe_train(train: dict[str, Any], recipe: RecipeSpec) -> dict[str, Any]:
+    """The study's trainer config data with the recipe's finetune keys merged in."""
+    return {**train, "finetune": merge(train.get("finetune") or {}, recipe.finetune)}
