@@ -88,7 +88,17 @@ def test_a_recipe_runs_on_the_arm_s_labels_and_is_reported_against_it(tmp_path):
     run = yaml.safe_load((tmp_path / "out/runs/d/store/seed0/n001_gentle/end_to_end/config.yaml").read_text())
     assert run["finetune"]["encoder_lr_scale"] == 0.1
     table = (tmp_path / "res" / "table.md").read_text()
+    assert (tmp_path / "res" / "d.png").stat().st_size > 1000
     for text in ("### Fine-tune recipes on the test split", "`gentle`: finetune {'encoder_lr_scale': 0.1}",
                  "end-to-end + gentle − end-to-end", "end-to-end + gentle − scratch",
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
+
+
+def test_recipe_arms_are_named_after_the_arm_and_the_recipe():
+    from medsass.trainer.study.spec import arm_label
+
+    assert arm_label("end_to_end+gentle", "main", "main") == "end-to-end + gentle"
+    assert arm_label("end_to_end+gentle", "otsu", "main") == "end-to-end (otsu) + gentle"
+    assert arm_label("scratch+gentle", "otsu", "main") == "scratch + gentle"
+    assert arm_label("end_to_end", "fov_otsu_hull+sites", "main") == "end-to-end (fov_otsu_hull+sites)"

@@ -1,6 +1,6 @@
 """One figure per dataset: test IoU against labeled images (log x), one line per arm with its 95% interval; the
-pseudo-mask floor and the zero-shot models (also the init weights' pretraining) as dashed lines; a second panel per
-cross-site evaluation."""
+pseudo-mask floor and the zero-shot models (also the init weights' pretraining) as dashed lines, the study's recipes
+dash-dotted; a second panel per cross-site evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,16 +40,18 @@ def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list
     drawn = False
     lines = [(a, d.main_target) for a in ["scratch", *[a for a in study.arms if a != "scratch"]]]
     lines += [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
+    lines += [(f"{a}+{r.name}", t) for r in study.recipes if not r.datasets or d.name in r.datasets
+              for a in r.arms for t in (r.targets or [d.main_target])]  # a recipe's runs: dash-dot
     for ax, where in zip(axes[0], wheres):
         for i, (arm, target) in enumerate(lines):
             pts = [(n, idx.arm((d.name, where, target, arm, n, 1), study.bootstrap)) for n in sorted(budgets)]
             pts = [(n, e) for n, e in pts if e is not None]
             if not pts:
                 continue
-            color, marker = STYLE.get(arm, FALLBACK)
+            color, marker = STYLE.get(arm.partition("+")[0], FALLBACK)
             if target != d.main_target:
                 color = target_color(d, target)
-            ls = "-" if target == d.main_target else ":"
+            ls = "-." if "+" in arm else "-" if target == d.main_target else ":"
             xs = [n for n, _ in pts]
             ax.plot(xs, [e.mean for _, e in pts], ls, color=color, marker=marker, label=arm_label(arm, target, d.main_target))
             ax.fill_between(xs, [e.lo for _, e in pts], [e.hi for _, e in pts], color=color, alpha=0.15)

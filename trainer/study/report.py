@@ -211,7 +211,7 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
         key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
         for arm in r.arms:
             for t in ((r.targets or [main]) if arm in PSEUDO_ARMS else [main]):
-                var, base = arm_label(arm, t, main) + f" + {r.name}", arm_label(arm, t, main)
+                var, base = arm_label(recipe_arm(arm, r.name), t, main), arm_label(arm, t, main)
                 if not any(idx.counts.get(key(recipe_arm(arm, r.name), t, n)) for n in ns):
                     continue
                 cols = [(arm, t, base), (recipe_arm(arm, r.name), t, var), ("scratch", main, "scratch")]

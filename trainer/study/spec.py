@@ -33,9 +33,13 @@ ARM_NAMES = {"floor": "pseudo-mask floor", "zero_shot": "zero-shot", "scratch": 
 
 
 def arm_label(arm: str, target: str, main_target: str) -> str:
-    """How tables and plots name an arm (pseudo-mask arms of another target carry the target's name)."""
-    name = ARM_NAMES.get(arm, arm)
-    return f"{name} ({target})" if arm in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot") and target != main_target else name
+    """How tables and plots name an arm (pseudo-mask arms of another target carry the target's name; a recipe's runs,
+    ``ARM+RECIPE``, the recipe's)."""
+    base, _, recipe = arm.partition("+")
+    name = ARM_NAMES.get(base, base)
+    if base in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot") and target != main_target:
+        name = f"{name} ({target})"
+    return f"{name} + {recipe}" if recipe else name
 
 
 @dataclass
