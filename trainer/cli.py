@@ -172,7 +172,8 @@ def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds:
 
         outcome = run_study(study_file, overrides, datasets=split(datasets), seeds=[int(s) for s in split(seeds)] or None,
                             arms=split(arms), budgets=split(budgets), targets=split(targets),
-                            strategies=split(strategies), recipes=split(recipes), max_runs=max_runs, dry_run=dry_run, report_only=report_only,
+                            strategies=split(strategies), recipes=split(recipes), max_runs=max_runs, dry_run=dry_run,
+                            report_only=report_only,
                             log=lambda m: click.echo(m, err=True))
     except (MedsassError, ValueError) as exc:
         raise _fail(exc) from None

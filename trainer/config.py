@@ -125,7 +125,7 @@ class FinetuneConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.encoder_lr_scale <= 1:
-            raise ValueError(f"encoder_lr_scale must be in (0, 1] (a fraction of lr for the encoder), got {self.encoder_lr_scale}")
+            raise ValueError(f"encoder_lr_scale must be in (0, 1] (the encoder's fraction of lr), got {self.encoder_lr_scale}")
         if self.label_fraction is not None and self.label_count is not None:
             raise ValueError("set label_fraction or label_count, not both (null one of them)")
         if self.labeled_ids is not None and (self.label_fraction is not None or self.label_count is not None):

@@ -377,5 +377,6 @@ def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=Non
     keep = [j for j in jobs if (not datasets or j.dataset in datasets) and (seeds is None or j.seed in seeds)
             and (j.kind != "finetune" or chosen_finetune(j))]
     needed = {j.needs for j in keep if j.kind == "finetune"}
-    keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not (arms or budgets or targets or strategies or recipes)]
+    narrowed = arms or budgets or targets or strategies or recipes
+    keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not narrowed]
     return keep[:max_runs] if max_runs else keep

@@ -56,8 +56,8 @@ def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> lis
     start (the pretrained model) is the first best.pt candidate, so it is kept when its val IoU (the pretraining row's
     val evaluation) is at least the fine-tune's best; the fine-tune's trajectory is the same either way
     (tests/trainer/test_keep_start.py), so this is the run with keep_start, without running it again."""
-    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.recipe or job.steps_factor != 1 or pre is None
-            or "val" not in pre.get("evals", {}) or "best_val_iou" not in row.get("train_metrics", {})):
+    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.recipe or job.steps_factor != 1
+            or pre is None or "val" not in pre.get("evals", {}) or "best_val_iou" not in row.get("train_metrics", {})):
         return []
     start_wins = micro_iou(np.array(pre["evals"]["val"]["counts"])) >= row["train_metrics"]["best_val_iou"]
     src = pre if start_wins else row
@@ -202,31 +202,30 @@ def recipe_arm(arm: str, recipe: str | None) -> str:
 
 def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:
     """Each recipe against its arm as the grid runs it and against scratch (paired by seed: same start, same labels)."""
-    lines: list[str] = []
+    blocks: list[list[str]] = []
     main, reps = d.main_target, study.bootstrap
+    key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
     for r in study.recipes:
         if r.datasets and d.name not in r.datasets:
             continue
         ns = sorted({budget_count(b, d.n_labeled_train) for b in r.budgets})
-        key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
         for arm in r.arms:
             for t in ((r.targets or [main]) if arm in PSEUDO_ARMS else [main]):
-                var, base = arm_label(recipe_arm(arm, r.name), t, main), arm_label(arm, t, main)
-                if not any(idx.counts.get(key(recipe_arm(arm, r.name), t, n)) for n in ns):
+                var = recipe_arm(arm, r.name)
+                if not any(idx.counts.get(key(var, t, n)) for n in ns):
                     continue
-                cols = [(arm, t, base), (recipe_arm(arm, r.name), t, var), ("scratch", main, "scratch")]
-                pairs = [((recipe_arm(arm, r.name), t), (arm, t)), ((recipe_arm(arm, r.name), t), ("scratch", main))]
-                if arm == "scratch":
-                    cols, pairs = cols[:2], pairs[:1]
-                lines += ["" if lines else None, f"`{r.name}`: finetune {r.finetune}", "",
-                          "| labels | " + " | ".join(c[2] for c in cols) + " | " + " | ".join(
-                              f"{var} − {base if b[0] == arm else 'scratch'}" for _, b in pairs) + " |",
-                          "|---:|" + "---:|" * (len(cols) + len(pairs))]
+                cols = [(arm, t), (var, t)] + ([("scratch", main)] if arm != "scratch" else [])
+                pairs = [((var, t), c) for c in cols if c != (var, t)]
+                block = [f"`{r.name}`: finetune {r.finetune}", "",
+                         "| labels | " + " | ".join(arm_label(*c, main) for c in cols) + " | "
+                         + " | ".join(f"{arm_label(*a, main)} − {arm_label(*b, main)}" for a, b in pairs) + " |",
+                         "|---:|" + "---:|" * (len(cols) + len(pairs))]
                 for n in ns:
-                    cells = [fmt(idx.arm(key(a, tt, n), reps)) for a, tt, _ in cols]
+                    cells = [fmt(idx.arm(key(*c, n), reps)) for c in cols]
                     cells += [fmt_diff(idx.diff(key(*a, n), key(*b, n), reps)) for a, b in pairs]
-                    lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return [x for x in lines if x is not None]
+                    block.append(f"| {n} | " + " | ".join(cells) + " |")
+                blocks.append(block)
+    return [line for i, block in enumerate(blocks) for line in ([""] if i else []) + block]
 
 
 def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:

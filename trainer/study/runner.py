@@ -53,8 +53,8 @@ def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[Study
 
 def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[str] = (), seeds: Sequence[int] | None = None,
               arms: Sequence[str] = (), budgets: Sequence[str] = (), targets: Sequence[str] = (),
-              strategies: Sequence[str] = (), recipes: Sequence[str] = (), max_runs: int | None = None, dry_run: bool = False, report_only: bool = False,
-              log=print) -> StudyOutcome:
+              strategies: Sequence[str] = (), recipes: Sequence[str] = (), max_runs: int | None = None,
+              dry_run: bool = False, report_only: bool = False, log=print) -> StudyOutcome:
     study, train = load_study(path, list(overrides))
     data = prepare(study, datasets, log)
     jobs = make_jobs(study, train, data)
