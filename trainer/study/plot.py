@@ -1,6 +1,6 @@
 """One figure per dataset: test IoU against labeled images (log x), one line per arm with its 95% interval; the
 pseudo-mask floor and the zero-shot models (also the init weights' pretraining) as dashed lines, the study's recipes
-dash-dotted; a second panel per cross-site evaluation."""
+dash-dotted with hollow markers; a second panel per cross-site evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,7 +53,8 @@ def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list
                 color = target_color(d, target)
             ls = "-." if "+" in arm else "-" if target == d.main_target else ":"
             xs = [n for n, _ in pts]
-            ax.plot(xs, [e.mean for _, e in pts], ls, color=color, marker=marker, label=arm_label(arm, target, d.main_target))
+            ax.plot(xs, [e.mean for _, e in pts], ls, color=color, marker=marker, label=arm_label(arm, target, d.main_target),
+                    markerfacecolor="none" if "+" in arm else color)  # a recipe: hollow markers
             ax.fill_between(xs, [e.lo for _, e in pts], [e.hi for _, e in pts], color=color, alpha=0.15)
             drawn = True
         for target in d.stores:  # the main target's no-label lines dashed, the other targets' dotted
