@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medsass.atomic import atomic_open
-from medsass.trainer.study.spec import arm_label
+from medsass.trainer.study.spec import arm_label, recipe_arm
 
 if TYPE_CHECKING:
     from medsass.trainer.study.jobs import StudyData
@@ -40,7 +40,7 @@ def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list
     drawn = False
     lines = [(a, d.main_target) for a in ["scratch", *[a for a in study.arms if a != "scratch"]]]
     lines += [(a, t) for t in list(d.stores)[1:] for a in study.other_targets.arms]
-    lines += [(f"{a}+{r.name}", t) for r in study.recipes if not r.datasets or d.name in r.datasets
+    lines += [(recipe_arm(a, r.name), t) for r in study.recipes if not r.datasets or d.name in r.datasets
               for a in r.arms for t in (r.targets or [d.main_target])]  # a recipe's runs: dash-dot
     for ax, where in zip(axes[0], wheres):
         for i, (arm, target) in enumerate(lines):

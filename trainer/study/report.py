@@ -16,7 +16,7 @@ import numpy as np
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, StudyData
 from medsass.trainer.study.plot import plot_dataset
-from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count
+from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, recipe_arm
 from medsass.trainer.study.stats import Estimate, estimate, micro_iou, paired_difference
 from medsass.trainer.study.stores import prep_seconds
 
@@ -193,11 +193,6 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
         cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
-
-
-def recipe_arm(arm: str, recipe: str | None) -> str:
-    """The report's arm of a recipe's runs (``end_to_end+gentle``); the arm itself without one."""
-    return f"{arm}+{recipe}" if recipe else arm
 
 
 def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:

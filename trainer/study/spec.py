@@ -32,6 +32,11 @@ ARM_NAMES = {"floor": "pseudo-mask floor", "zero_shot": "zero-shot", "scratch": 
              "end_to_end_kept": "end-to-end, keep_start"}
 
 
+def recipe_arm(arm: str, recipe: str | None) -> str:
+    """The report's and plots' arm of a recipe's runs (``end_to_end+gentle``); the arm itself without one."""
+    return f"{arm}+{recipe}" if recipe else arm
+
+
 def arm_label(arm: str, target: str, main_target: str) -> str:
     """How tables and plots name an arm (pseudo-mask arms of another target carry the target's name; a recipe's runs,
     ``ARM+RECIPE``, the recipe's)."""
@@ -284,7 +289,11 @@ def train_section(train: dict[str, Any], base: Path) -> dict[str, Any]:
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict[str, Any]]:
     """The study and its merged trainer config data (``train.base`` resolved); paths made absolute."""
     path = Path(path).resolve()
-    study = configio.load(Study, configio.read_yaml(path), list(overrides))
+    data = configio.read_yaml(path)
+    try:
+        study = configio.load(Study, data, list(overrides))
+    except ConfigError as exc:  # name the study file, as the train: and recipes checks below do
+        raise ConfigError(f"{path}: {exc}") from None
     base = path.parent
 
     def res(p: str | None) -> str | None:
