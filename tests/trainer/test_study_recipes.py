@@ -74,7 +74,7 @@ def test_recipes_that_cannot_be_run_are_refused(tmp_path):
 def test_a_recipe_runs_on_the_arm_s_labels_and_is_reported_against_it(tmp_path):
     store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
     path = _write(tmp_path, seeds=[0], budgets=["1"], datasets=[{"name": "d", "store": str(store), "targets": ["store"]}],
-                  recipes=[{**GENTLE, "arms": ["end_to_end"]}], train={
+                  recipes=[GENTLE], train={
                       "base": "cpu_small", "model": {"encoder": TINY},
                       "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
                       "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
@@ -85,12 +85,15 @@ def test_a_recipe_runs_on_the_arm_s_labels_and_is_reported_against_it(tmp_path):
     rows = list(ledger.read_ledger(tmp_path / "res").values())
     e2e = [r for r in rows if r["kind"] == "finetune" and r["arm"] == "end_to_end"]
     assert len(e2e) == 2 and e2e[0]["labeled_ids"] == e2e[1]["labeled_ids"]
+    scratch = [r for r in rows if r["kind"] == "finetune" and r["arm"] == "scratch"]
+    assert len(scratch) == 2 and scratch[0]["labeled_ids"] == e2e[0]["labeled_ids"]
     run = yaml.safe_load((tmp_path / "out/runs/d/store/seed0/n001_gentle/end_to_end/config.yaml").read_text())
     assert run["finetune"]["encoder_lr_scale"] == 0.1
     table = (tmp_path / "res" / "table.md").read_text()
     assert (tmp_path / "res" / "d.png").stat().st_size > 1000
     for text in ("### Fine-tune recipes on the test split", "`gentle`: finetune {'encoder_lr_scale': 0.1}",
                  "end-to-end + gentle − end-to-end", "end-to-end + gentle − scratch",
+                 "end-to-end + gentle − scratch + gentle", "scratch + gentle − scratch",
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
 

@@ -196,7 +196,8 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
 
 
 def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:
-    """Each recipe against its arm as the grid runs it and against scratch (paired by seed: same start, same labels)."""
+    """Each recipe against its arm as the grid runs it and against scratch (paired by seed: same start, same labels);
+    a recipe that also runs on scratch (e.g. stronger augmentation) is paired with scratch under the recipe too."""
     blocks: list[list[str]] = []
     main, reps = d.main_target, study.bootstrap
     key = lambda arm, t, n: (d.name, where, t, arm, n, 1)  # noqa: E731
@@ -210,6 +211,8 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
                 if not any(idx.counts.get(key(var, t, n)) for n in ns):
                     continue
                 cols = [(arm, t), (var, t)] + ([("scratch", main)] if arm != "scratch" else [])
+                if arm != "scratch" and "scratch" in r.arms:  # pretraining's effect under the recipe itself
+                    cols.append((recipe_arm("scratch", r.name), main))
                 pairs = [((var, t), c) for c in cols if c != (var, t)]
                 block = [f"`{r.name}`: finetune {r.finetune}", "",
                          "| labels | " + " | ".join(arm_label(*c, main) for c in cols) + " | "
