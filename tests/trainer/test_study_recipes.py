@@ -85,6 +85,7 @@ def test_a_recipe_runs_on_the_arm_s_labels_and_is_reported_against_it(tmp_path):
     rows = list(ledger.read_ledger(tmp_path / "res").values())
     e2e = [r for r in rows if r["kind"] == "finetune" and r["arm"] == "end_to_end"]
     assert len(e2e) == 2 and e2e[0]["labeled_ids"] == e2e[1]["labeled_ids"]
+    assert sorted(str(r.get("recipe")) for r in e2e) == ["None", "gentle"]  # the ledger row names its recipe
     scratch = [r for r in rows if r["kind"] == "finetune" and r["arm"] == "scratch"]
     assert len(scratch) == 2 and scratch[0]["labeled_ids"] == e2e[0]["labeled_ids"]
     run = yaml.safe_load((tmp_path / "out/runs/d/store/seed0/n001_gentle/end_to_end/config.yaml").read_text())

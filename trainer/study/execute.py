@@ -36,6 +36,8 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
         "pretrain_steps": cfg.pretrain.steps, "finetune_steps": cfg.finetune.steps, "batch_size": cfg.finetune.batch_size,
         "medsass_version": medsass.__version__, "seconds": {},
     }
+    if job.recipe:  # the finetune keys it changes are in the run's config.yaml (and the study file)
+        row["recipe"] = job.recipe
     if job.init_weights is not None:  # the init_weights this run starts from (a file: its sha256), directly or via pretraining
         row["init_weights"] = job.init_weights
     t0 = time.time()

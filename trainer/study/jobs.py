@@ -233,16 +233,22 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                     jobs.append(_finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs,
                                               data_id, d_i, w))
             st = study.strategies
-            if st and (not st.datasets or d.name in st.datasets) and d.main_target in pre:
+            if st and (not st.datasets or d.name in st.datasets):
                 st_counts: dict[int, list[str]] = defaultdict(list)
                 for b in st.budgets:
                     st_counts[budget_count(b, d.n_labeled_train)].append(b)
-                for n, names in sorted(st_counts.items()):
-                    if not any(a == "end_to_end" for a in study.arms) or n not in counts:  # the random baseline runs too
-                        jobs.append(_finetune_job(study, train, d, d.main_target, "end_to_end", seed, n, names, 1, pre,
-                                                  ssl_job, runs, data_id, d_i))
-                    for name in st.names:
-                        jobs.append(_strategy_job(study, train, d, seed, n, names, name, pre[d.main_target], runs, data_id, d_i))
+                for target in strategy_targets(st, d):
+                    if target not in pre:
+                        raise MedsassError(f"strategies: {d.name}'s {target} target has no end-to-end pretraining in "
+                                           "this study: add end_to_end to arms (main target) or other_targets.arms")
+                    grid = (study.arms, counts) if target == d.main_target else (study.other_targets.arms, other_counts)
+                    for n, names in sorted(st_counts.items()):
+                        if "end_to_end" not in grid[0] or n not in grid[1]:  # the random baseline runs too
+                            jobs.append(_finetune_job(study, train, d, target, "end_to_end", seed, n, names, 1, pre,
+                                                      ssl_job, runs, data_id, d_i))
+                        for name in st.names:
+                            jobs.append(_strategy_job(study, train, d, target, seed, n, names, name, pre[target], runs,
+                                                      data_id, d_i))
             for r in study.recipes:
                 if r.datasets and d.name not in r.datasets:
                     continue
@@ -318,16 +324,21 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
                recipe=recipe.name if recipe else None)
 
 
-def _strategy_job(study, train, d: StudyData, seed, n, names, strategy, source: Job, runs, data_id, d_i) -> Job:
-    out = runs / d.name / d.main_target / f"seed{seed}" / f"n{n:03d}" / f"end_to_end_{strategy}"
-    cfg = run_config(train, d.stores[d.main_target], out, seed)
+def strategy_targets(st, d: StudyData) -> list[str]:
+    """The targets a dataset's strategy runs use: those of ``strategies.targets`` it has, or its main target."""
+    return [t for t in st.targets if t in d.stores] or [d.main_target]
+
+
+def _strategy_job(study, train, d: StudyData, target, seed, n, names, strategy, source: Job, runs, data_id, d_i) -> Job:
+    out = runs / d.name / target / f"seed{seed}" / f"n{n:03d}" / f"end_to_end_{strategy}"
+    cfg = run_config(train, d.stores[target], out, seed)
     cfg["finetune"].update(init="end_to_end", label_count=None, label_fraction=None, subset_seed=None,
                            labeled_ids=str(out / "suggest" / "picks.csv"),
                            pretrained=str(Path(source.dir) / "pretrain" / "final.pt"))
     cfg["evaluate"]["checkpoint"] = "best"
-    ident = _identity(cfg, kind="finetune", arm="end_to_end", strategy=strategy, n=n, data=data_id(d.main_target),
+    ident = _identity(cfg, kind="finetune", arm="end_to_end", strategy=strategy, n=n, data=data_id(target),
                       source=source.key)
-    return Job("finetune", d.name, d.main_target, "end_to_end", seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
+    return Job("finetune", d.name, target, "end_to_end", seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                strategy=strategy, needs=source.key, sites=d.sites, site_splits=d.site_splits,
                priority=_priority("strategy", seed, d_i, n, 1))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import Job, StudyData
+from medsass.trainer.study.jobs import Job, StudyData, strategy_targets
 from medsass.trainer.study.plot import plot_dataset
 from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, recipe_arm
 from medsass.trainer.study.stats import Estimate, estimate, micro_iou, paired_difference
@@ -184,15 +184,19 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
     if not st or (st.datasets and d.name not in st.datasets):
         return []
     ns = sorted({budget_count(b, d.n_labeled_train) for b in st.budgets})
-    key = lambda arm, n: (d.name, where, d.main_target, arm, n, 1)  # noqa: E731
     cols = [("end_to_end", "random (the arm's subset)")] + [(f"strategy:{s}", s) for s in st.names]
-    lines = ["| labels | " + " | ".join(name for _, name in cols) + " | "
-             + " | ".join(f"{s} − random" for s in st.names) + " |", "|---:|" + "---:|" * (len(cols) + len(st.names))]
-    for n in ns:
-        cells = [fmt(idx.arm(key(a, n), study.bootstrap)) for a, _ in cols]
-        cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return lines
+    blocks = []
+    for target in strategy_targets(st, d):
+        key = lambda arm, n, t=target: (d.name, where, t, arm, n, 1)  # noqa: E731
+        lines = [] if target == d.main_target else [f"{arm_label('end_to_end', target, d.main_target)}:", ""]
+        lines += ["| labels | " + " | ".join(name for _, name in cols) + " | "
+                  + " | ".join(f"{s} − random" for s in st.names) + " |", "|---:|" + "---:|" * (len(cols) + len(st.names))]
+        for n in ns:
+            cells = [fmt(idx.arm(key(a, n), study.bootstrap)) for a, _ in cols]
+            cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        blocks.append(lines)
+    return [line for i, block in enumerate(blocks) for line in ([""] if i else []) + block]
 
 
 def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:

@@ -145,6 +145,9 @@ class StrategiesSpec:
     names: list[str] = field(default_factory=lambda: ["diverse", "uncertain", "hybrid"])
     budgets: list[str] = field(default_factory=lambda: ["2", "5", "10", "25"])
     datasets: list[str] = field(default_factory=list)  # [] = every dataset of the study
+    # the pseudo-mask targets whose end-to-end model picks and is fine-tuned; [] = each dataset's main target (a target
+    # of a dataset that lacks it is skipped there, so one list can name each dataset's default recipe)
+    targets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         bad = [n for n in self.names if n not in ("diverse", "uncertain", "hybrid", "random")]
@@ -316,6 +319,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Study, dict
         load_config({**train, "out_dir": "x", "stores": {"main": "x"}})
     except ConfigError as exc:
         raise ConfigError(f"{path}: train: {exc}") from None
+    if study.strategies:  # a target no dataset has is a typo, not a fallback to the main target
+        known = {t for d in study.datasets for t in [*d.targets, *([f"{d.targets[0]}+sites"] if d.pool_sites else [])]}
+        unknown = [t for t in study.strategies.targets if t not in known]
+        if unknown:
+            raise ConfigError(f"{path}: strategies.targets: {unknown} is no dataset's target ({', '.join(sorted(known))})")
     for r in study.recipes:  # and with each recipe
         try:
             load_config({**recipe_train(train, r), "out_dir": "x", "stores": {"main": "x"}})
