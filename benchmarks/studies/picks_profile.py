@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import zarr
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import make_jobs
+from medsass.trainer.study.jobs import make_jobs, strategy_targets
 from medsass.trainer.study.runner import prepare
 from medsass.trainer.study.spec import load_study
 
@@ -63,8 +63,7 @@ def main() -> None:
     if not data:
         raise SystemExit(f"{args.study}: no dataset {args.dataset!r} ({', '.join(d.name for d in study.datasets)})")
     d = data[0]
-    st_targets = [t for t in (study.strategies.targets if study.strategies else []) if t in d.stores]
-    target = args.target or (st_targets or [d.main_target])[0]
+    target = args.target or (strategy_targets(study.strategies, d) if study.strategies else [d.main_target])[0]
     if target not in d.stores:
         raise SystemExit(f"--target {target}: {d.name} has {', '.join(d.stores)}")
     jobs = {j.key: j for j in make_jobs(study, train, data)}

@@ -178,6 +178,11 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
     return lines
 
 
+def join_blocks(blocks: list[list[str]]) -> list[str]:
+    """Markdown blocks one after another, a blank line between two."""
+    return [line for i, block in enumerate(blocks) for line in ([""] if i else []) + block]
+
+
 def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:
     """Which images to label: each strategy's end-to-end model against the arm's random subset (paired by seed)."""
     st = study.strategies
@@ -196,7 +201,7 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
             cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         blocks.append(lines)
-    return [line for i, block in enumerate(blocks) for line in ([""] if i else []) + block]
+    return join_blocks(blocks)
 
 
 def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[str]:
@@ -227,7 +232,7 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
                     cells += [fmt_diff(idx.diff(key(*a, n), key(*b, n), reps)) for a, b in pairs]
                     block.append(f"| {n} | " + " | ".join(cells) + " |")
                 blocks.append(block)
-    return [line for i, block in enumerate(blocks) for line in ([""] if i else []) + block]
+    return join_blocks(blocks)
 
 
 def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
