@@ -3,10 +3,17 @@
 A job whose key is in the ledger is skipped. An interrupted job resumes from its stage checkpoints on the next
 call (the trainer's own resume), so an interruption loses at most the steps since the last checkpoint. A failed
 job is reported with its reason and the others go on; jobs that start from its checkpoint are skipped.
+
+The ledger alone resumes a study on another machine: where a run to do starts from a pretraining whose row is in
+the ledger but whose checkpoint is gone (a new machine, a cleaned ``out_dir``), that pretraining is run again first
+and must reproduce its ledger row (the same zero-shot confusion counts, or SimCLR's final loss) before anything
+starts from it; a rerun that differs fails, with its dependents, so new runs never pair with a start other than the
+one the ledger's runs had.
 """
 from __future__ import annotations
 
 import csv
+import math
 import multiprocessing as mp
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -137,6 +144,33 @@ def _sample_ids(store: str) -> dict[int, str]:
     return {int(r): str(s) for r, s in zip(df["row"], df["sample_id"])}
 
 
+def start_checkpoint(job: Job) -> Path:
+    """The checkpoint that runs starting from ``job`` (a pretraining or SimCLR run) load."""
+    return Path(job.dir) / "pretrain" / "final.pt"
+
+
+def lost_starts(jobs: list[Job], done: set[str] | dict[str, Any]) -> list[Job]:
+    """Runs in the ledger whose checkpoint is gone while a run still to do starts from it (they must run again)."""
+    by_key = {j.key: j for j in jobs}
+    needed = {j.needs for j in jobs if j.needs and j.key not in done}
+    return [by_key[k] for k in sorted(needed) if k in done and k in by_key and not start_checkpoint(by_key[k]).exists()]
+
+
+def reproduces(row: dict[str, Any], old: dict[str, Any]) -> str | None:
+    """None when a rerun's row matches the ledger's, else what differs (zero-shot counts; SimCLR's final loss)."""
+    if row["kind"] == "ssl":
+        new_loss, old_loss = row["ssl"]["loss_last"], old.get("ssl", {}).get("loss_last")
+        if old_loss is None or not math.isclose(new_loss, old_loss, rel_tol=1e-6, abs_tol=1e-9):
+            return f"final SimCLR loss {new_loss:.6g}, the ledger's {old_loss}"
+        return None
+    for split, ev in old.get("evals", {}).items():
+        new = row.get("evals", {}).get(split)
+        if new is None or new["ids"] != ev["ids"] or new["counts"] != ev["counts"]:
+            got = "missing" if new is None else f"{micro_iou(new['counts']):.4f}"
+            return f"zero-shot IoU on {split} {got}, the ledger's {micro_iou(ev['counts']):.4f}"
+    return None
+
+
 def _worker(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> tuple[dict[str, Any] | None, str | None]:
     """Pool entry point: never raises, so one failed run does not stop the study."""
     try:
@@ -148,15 +182,30 @@ def _worker(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> tuple[dict[str, An
 def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel: int = 1, keep_final: bool = False,
             log=print) -> tuple[int, dict[str, str]]:
     """Run the jobs whose key is not in the ledger (a job after the one it starts from); returns (ran, failures)."""
-    done = set(ledger.read_ledger(results_dir, repair=True))
-    todo = [j for j in jobs if j.key not in done]
-    log(f"{len(jobs)} runs: {len(jobs) - len(todo)} in the ledger, {len(todo)} to run, {n_parallel} at a time")
+    rows = ledger.read_ledger(results_dir, repair=True)
+    done = set(rows)
+    rerun = lost_starts(jobs, done)
+    waiting = {j.key for j in rerun}  # in the ledger, but their dependents wait for the checkpoint
+    todo = rerun + [j for j in jobs if j.key not in done]
+    log(f"{len(jobs)} runs: {len(jobs) - len(todo) + len(rerun)} in the ledger, {len(todo) - len(rerun)} to run, "
+        f"{n_parallel} at a time" + (f"; {len(rerun)} in the ledger run again first (their checkpoints are gone: "
+                                     f"{', '.join(j.label for j in rerun)})" if rerun else ""))
     failed: dict[str, str] = {}
     t0, n = time.time(), 0
 
     def finish(job: Job, row: dict[str, Any] | None, err: str | None) -> None:
         nonlocal n
         n += 1
+        if not err and job.key in waiting:
+            waiting.discard(job.key)
+            diff = reproduces(row, rows[job.key])
+            if diff is None:
+                log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: rerun reproduces its ledger row "
+                    f"({sum(row['seconds'].values()):.0f} s)")
+                return
+            err = (f"its checkpoint was gone and the rerun does not reproduce its ledger row ({diff}), so runs "
+                   f"started from it would not pair with the ledger's. Restore {start_checkpoint(job)}, or delete "
+                   f"its line and its dependents' from {ledger.ledger_path(results_dir)} to redo them all")
         if err:
             failed[job.key] = err
             log(f"[{n}/{len(todo)}] FAILED {job.label}: {err}")
@@ -169,7 +218,7 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
         log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: {score} {sites} "
             f"({sum(row['seconds'].values()):.0f} s)")
 
-    pending = list(todo)
+    pending = list(todo)  # the reruns first
 
     def next_ready() -> Job | None:
         for j in pending:
@@ -177,7 +226,7 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
                 pending.remove(j)
                 finish(j, None, "the run it starts from failed")
                 return next_ready()
-        return next((j for j in pending if j.needs is None or j.needs in done), None)
+        return next((j for j in pending if j.needs is None or (j.needs in done and j.needs not in waiting)), None)
 
     if n_parallel == 1:
         while pending:

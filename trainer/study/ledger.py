@@ -3,7 +3,8 @@
 A run's line holds its key, what it was (dataset, target, arm, seed, labels), the labeled sample ids, the
 per-image confusion counts on the test split and on every site (so intervals can be recomputed without the
 runs), and the wall time of each part. The study skips every job whose key is in the ledger, so a study
-resumes from the ledger alone on another machine; runs and stores in ``out_dir`` only save recomputation.
+resumes from the ledger alone on another machine; runs and stores in ``out_dir`` only save recomputation (a
+pretraining whose checkpoint is gone is run again before the runs that start from it, and must reproduce its line).
 
 Lines are appended whole and flushed; a torn last line (a kill mid-write) is dropped with a warning and cut
 away before the next append.

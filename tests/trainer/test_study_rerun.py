@@ -1,0 +1,104 @@
+"""A study resumed from its ledger alone (another machine, a cleaned out_dir): a pretraining whose checkpoint is gone
+is run again before the runs that start from it, must reproduce its ledger row, and is not appended twice."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from click.testing import CliRunner
+from medsass.trainer.cli import main
+from medsass.trainer.study import ledger
+from medsass.trainer.study.execute import lost_starts, reproduces
+from medsass.trainer.study.jobs import Job
+
+from medsass.testing import make_synthetic_store
+
+torch.set_num_threads(1)
+TINY = "tu-mobilenetv3_small_100"
+
+
+def _study(tmp_path: Path, budgets: list[str]) -> Path:
+    store = tmp_path / "main.zarr"
+    if not store.exists():
+        make_synthetic_store(store, n=30, size=32, seed=0)
+    data = {
+        "name": "tiny", "out_dir": str(tmp_path / "out"), "results_dir": str(tmp_path / "results"), "seeds": [0],
+        "budgets": budgets, "arms": ["scratch", "end_to_end", "ssl"], "jobs": 1, "bootstrap": 100, "convergence": None,
+        "ssl": {"steps": 2, "batch_size": 4},
+        "datasets": [{"name": "synth", "store": str(store), "targets": ["store"]}],
+        "train": {
+            "base": "cpu_small", "model": {"encoder": TINY},
+            "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 0},
+            "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
+            "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
+            "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False},
+        },
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _lines(tmp_path: Path) -> list[dict]:
+    return [json.loads(x) for x in ledger.ledger_path(tmp_path / "results").read_text().splitlines()]
+
+
+def test_lost_checkpoints_are_rerun_checked_and_not_appended_twice(tmp_path):
+    res = CliRunner().invoke(main, ["study", str(_study(tmp_path, ["1"]))])
+    assert res.exit_code == 0, res.output
+    first = _lines(tmp_path)
+    assert sorted(r["kind"] for r in first) == ["finetune"] * 3 + ["pretrain", "ssl"]
+
+    # a new machine: the ledger is committed, out_dir (stores aside) is gone; one more budget to run
+    shutil.rmtree(tmp_path / "out" / "runs")
+    path = _study(tmp_path, ["1", "2"])
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])
+    assert res.output.count("rerun ") == 2 and "its checkpoint is gone" in res.output, res.output
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "2 in the ledger run again first" in res.output and res.output.count("rerun reproduces its ledger row") == 2
+    second = _lines(tmp_path)
+    assert second[:len(first)] == first  # nothing rewritten, no second line for the reruns
+    assert sorted((r["kind"], r["arm"]) for r in second[len(first):]) == [
+        ("finetune", "end_to_end"), ("finetune", "scratch"), ("finetune", "ssl")]
+
+    # a rerun that does not reproduce its row (here: the ledger's counts altered) fails with its dependents only
+    shutil.rmtree(tmp_path / "out" / "runs")
+    rows = _lines(tmp_path)
+    pre = next(r for r in rows if r["kind"] == "pretrain")
+    pre["evals"]["test"]["counts"][0][0] += 1
+    ledger.ledger_path(tmp_path / "results").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(main, ["study", str(_study(tmp_path, ["1", "2", "3"]))])
+    assert res.exit_code == 3
+    assert "does not reproduce its ledger row (zero-shot IoU on test" in res.output, res.output
+    assert "the run it starts from failed" in res.output
+    new = [(r["arm"], r["n_labels"]) for r in _lines(tmp_path)[len(rows):]]
+    assert sorted(new) == [("scratch", 3), ("ssl", 3)]  # scratch needs no start; SimCLR's rerun reproduced
+
+
+def test_only_starts_a_run_to_do_needs_are_rerun(tmp_path):
+    def job(name, kind, needs=None):
+        return Job(kind, "d", "t", "a", 0, str(tmp_path / name), {}, {"name": name}, needs=needs.key if needs else None)
+
+    pre, pre2 = job("p", "pretrain"), job("q", "pretrain")
+    fine, fine2 = job("f", "finetune", pre), job("g", "finetune", pre2)
+    (tmp_path / "q" / "pretrain").mkdir(parents=True)
+    (tmp_path / "q" / "pretrain" / "final.pt").write_bytes(b"x")
+    jobs = [pre, pre2, fine, fine2]
+    assert lost_starts(jobs, {pre.key, pre2.key}) == [pre]  # q's checkpoint is there
+    assert lost_starts(jobs, {pre.key, pre2.key, fine.key}) == []  # nothing to do starts from p
+    assert lost_starts(jobs, {pre2.key}) == []  # p is not in the ledger: it runs as any other job
+
+
+def test_reproduces_compares_every_split_and_the_ssl_loss():
+    ev = {"ids": ["a", "b"], "counts": [[1, 2, 3], [4, 5, 6]], "floor_counts": []}
+    row = {"kind": "pretrain", "evals": {"test": ev, "val": ev}}
+    assert reproduces(row, row) is None
+    other = {"kind": "pretrain", "evals": {"test": ev, "val": {**ev, "counts": [[1, 2, 3], [4, 5, 7]]}}}
+    assert "on val" in reproduces(row, other)
+    assert "on test" in reproduces({"kind": "pretrain", "evals": {}}, row)
+    ssl = {"kind": "ssl", "ssl": {"loss_last": 0.5}}
+    assert reproduces(ssl, ssl) is None and "SimCLR loss" in reproduces(ssl, {"kind": "ssl", "ssl": {"loss_last": 0.6}})
