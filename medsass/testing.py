@@ -123,6 +123,19 @@ def tiny_train_config(out_dir: str | Path, stores: dict[str, str | Path], /, **s
     return with_sections(base, **sections)
 
 
+def tiny_study_train(**sections: Any) -> dict[str, Any]:
+    """A study file's ``train`` section for runs that take seconds on a CPU (the tiny encoder, 2-3 steps per stage,
+    validation every fine-tune step, the best checkpoint evaluated); ``sections`` update it as :func:`with_sections`."""
+    base = {
+        "base": "cpu_small", "model": {"encoder": TINY_ENCODER},
+        "pretrain": {"steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 0},
+        "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
+        "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
+        "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False},
+    }
+    return with_sections(base, **sections)
+
+
 def with_sections(cfg: dict[str, Any], /, **sections: Any) -> dict[str, Any]:
     """A copy of ``cfg`` whose sections are updated key by key (a dict value) or replaced (any other value)."""
     out = dict(cfg)

@@ -11,14 +11,14 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from medsass.testing import make_synthetic_store
+from medsass.testing import TINY_ENCODER, make_synthetic_store, tiny_study_train
 from medsass.trainer.cli import main
 from medsass.trainer.study import ledger
 from medsass.trainer.study.spec import budget_count, load_study, parse_budget
 from medsass.trainer.study.stats import estimate, micro_iou, paired_difference
 
 torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
+TINY = TINY_ENCODER
 
 
 def test_budgets():
@@ -71,13 +71,7 @@ def _study(tmp_path: Path, **extra) -> Path:
         "datasets": [{"name": "synth", "store": str(main_store), "targets": ["store"],
                       "sites": [{"name": "other", "store": str(site)}], "pool_sites": True}],
         "other_targets": {"arms": ["end_to_end"], "budgets": ["1"]},
-        "train": {
-            "base": "cpu_small", "model": {"encoder": TINY},
-            "pretrain": {"steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 0},
-            "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
-            "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
-            "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False},
-        },
+        "train": tiny_study_train(),
         **extra,
     }
     path = tmp_path / "study.yaml"

@@ -14,10 +14,9 @@ from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import lost_starts, reproduces
 from medsass.trainer.study.jobs import Job
 
-from medsass.testing import make_synthetic_store
+from medsass.testing import make_synthetic_store, tiny_study_train
 
 torch.set_num_threads(1)
-TINY = "tu-mobilenetv3_small_100"
 
 
 def _study(tmp_path: Path, budgets: list[str]) -> Path:
@@ -29,13 +28,7 @@ def _study(tmp_path: Path, budgets: list[str]) -> Path:
         "budgets": budgets, "arms": ["scratch", "end_to_end", "ssl"], "jobs": 1, "bootstrap": 100, "convergence": None,
         "ssl": {"steps": 2, "batch_size": 4},
         "datasets": [{"name": "synth", "store": str(store), "targets": ["store"]}],
-        "train": {
-            "base": "cpu_small", "model": {"encoder": TINY},
-            "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 0},
-            "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
-            "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
-            "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False},
-        },
+        "train": tiny_study_train(),
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
