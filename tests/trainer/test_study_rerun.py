@@ -71,6 +71,24 @@ def test_lost_checkpoints_are_rerun_checked_and_not_appended_twice(tmp_path):
     new = [(r["arm"], r["n_labels"]) for r in _lines(tmp_path)[len(rows):]]
     assert sorted(new) == [("scratch", 3), ("ssl", 3)]  # scratch needs no start; SimCLR's rerun reproduced
 
+    # the rerun's checkpoint stays, marked: the next call does not start from it (nor reruns it)
+    marker = tmp_path / "out/runs/synth/store/seed0/unreproduced.json"
+    assert marker.exists() and (tmp_path / "out/runs/synth/store/seed0/pretrain/final.pt").exists()
+    path = _study(tmp_path, ["1", "2", "3"])
+    res = CliRunner().invoke(main, ["study", str(path), "--dry-run"])
+    states = [line.split()[0] for line in res.output.splitlines() if "  -> " in line]
+    assert states.count("unreproduced") == 1 and "rerun" not in states, res.output
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 3 and "not started from synth store pretrain seed0" in res.output, res.output
+    assert "the run it starts from failed" in res.output and "0 in the ledger run again" not in res.output
+    # the user's way out: drop the pretraining's line; it is redone from the kept checkpoint, unmarked, and used
+    rows = [r for r in _lines(tmp_path) if r["kind"] != "pretrain"]
+    ledger.ledger_path(tmp_path / "results").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 0, res.output
+    assert not marker.exists() and ("finetune", "end_to_end", 3) in {
+        (r["kind"], r["arm"], r["n_labels"]) for r in _lines(tmp_path)}
+
 
 def test_only_starts_a_run_to_do_needs_are_rerun(tmp_path):
     def job(name, kind, needs=None):

@@ -8,7 +8,8 @@ The ledger alone resumes a study on another machine: where a run to do starts fr
 the ledger but whose checkpoint is gone (a new machine, a cleaned ``out_dir``), that pretraining is run again first
 and must reproduce its ledger row (the same zero-shot confusion counts, or SimCLR's final loss) before anything
 starts from it; a rerun that differs fails, with its dependents, so new runs never pair with a start other than the
-one the ledger's runs had.
+one the ledger's runs had. Such a rerun's checkpoint stays for inspection, marked by ``unreproduced.json`` beside
+it: later calls fail those dependents at once instead of starting them from it.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from medsass.trainer.study.jobs import Job
 from medsass.trainer.study.spec import SSLSpec
 from medsass.trainer.suggest import suggest
 
-from medsass.manifest import read_manifest
+from medsass.manifest import read_json, read_manifest, write_json
 from medsass.metrics import micro_iou
 
 COUNT_KEYS = ("tp", "fp", "fn")
@@ -149,11 +150,30 @@ def start_checkpoint(job: Job) -> Path:
     return Path(job.dir) / "pretrain" / "final.pt"
 
 
-def lost_starts(jobs: list[Job], done: set[str] | dict[str, Any]) -> list[Job]:
-    """Runs in the ledger whose checkpoint is gone while a run still to do starts from it (they must run again)."""
+def unreproduced_marker(job: Job) -> Path:
+    """Beside a rerun's checkpoint that did not reproduce the ledger's row: runs must not start from it."""
+    return Path(job.dir) / "unreproduced.json"
+
+
+def _needed_starts(jobs: list[Job], done: set[str] | dict[str, Any]) -> list[Job]:
     by_key = {j.key: j for j in jobs}
     needed = {j.needs for j in jobs if j.needs and j.key not in done}
-    return [by_key[k] for k in sorted(needed) if k in done and k in by_key and not start_checkpoint(by_key[k]).exists()]
+    return [by_key[k] for k in sorted(needed) if k in done and k in by_key]
+
+
+def lost_starts(jobs: list[Job], done: set[str] | dict[str, Any]) -> list[Job]:
+    """Runs in the ledger whose checkpoint is gone while a run still to do starts from it (they must run again)."""
+    return [j for j in _needed_starts(jobs, done) if not start_checkpoint(j).exists()]
+
+
+def unreproduced_starts(jobs: list[Job], done: set[str] | dict[str, Any]) -> dict[str, str]:
+    """key -> why, for runs in the ledger that a run to do starts from whose checkpoint is a rerun that did not
+    reproduce the ledger's row (the runs that start from them fail at once)."""
+    out = {}
+    for j in _needed_starts(jobs, done):
+        if start_checkpoint(j).exists() and unreproduced_marker(j).exists():
+            out[j.key] = read_json(unreproduced_marker(j)).get("why", "its rerun did not reproduce its ledger row")
+    return out
 
 
 def reproduces(row: dict[str, Any], old: dict[str, Any]) -> str | None:
@@ -190,7 +210,9 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
     log(f"{len(jobs)} runs: {len(jobs) - len(todo) + len(rerun)} in the ledger, {len(todo) - len(rerun)} to run, "
         f"{n_parallel} at a time" + (f"; {len(rerun)} in the ledger run again first (their checkpoints are gone: "
                                      f"{', '.join(j.label for j in rerun)})" if rerun else ""))
-    failed: dict[str, str] = {}
+    failed: dict[str, str] = unreproduced_starts(jobs, done)
+    for key, why in failed.items():
+        log(f"not started from {next(j.label for j in jobs if j.key == key)}: {why}")
     t0, n = time.time(), 0
 
     def finish(job: Job, row: dict[str, Any] | None, err: str | None) -> None:
@@ -200,18 +222,24 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
             waiting.discard(job.key)
             diff = reproduces(row, rows[job.key])
             if diff is None:
+                unreproduced_marker(job).unlink(missing_ok=True)
                 log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: rerun reproduces its ledger row "
                     f"({sum(row['seconds'].values()):.0f} s)")
                 return
             err = (f"its checkpoint was gone and the rerun does not reproduce its ledger row ({diff}), so runs "
-                   f"started from it would not pair with the ledger's. Restore {start_checkpoint(job)}, or delete "
-                   f"its line and its dependents' from {ledger.ledger_path(results_dir)} to redo them all")
+                   f"started from it would not pair with the ledger's. The rerun's checkpoint stays in {job.dir} "
+                   f"for inspection, marked by {unreproduced_marker(job).name}: nothing starts from it. Put the "
+                   f"original {start_checkpoint(job).name} there (and delete the marker), or delete the run's line "
+                   f"and its dependents' from {ledger.ledger_path(results_dir)} to redo them all from this one")
+            write_json({"key": job.key, "differs": diff, "why": err}, unreproduced_marker(job))
         if err:
             failed[job.key] = err
             log(f"[{n}/{len(todo)}] FAILED {job.label}: {err}")
             return
         ledger.append(results_dir, row)
         done.add(job.key)
+        if job.kind != "finetune":  # redone from a rerun that did not reproduce: its checkpoint is the ledger's now
+            unreproduced_marker(job).unlink(missing_ok=True)
         test = row.get("evals", {}).get("test")
         score = f"test IoU {micro_iou(test['counts']):.3f}" if test else f"{sum(row['seconds'].values()):.0f} s"
         sites = " ".join(f"{k[5:]} {micro_iou(v['counts']):.3f}" for k, v in row.get("evals", {}).items() if k.startswith("site:"))

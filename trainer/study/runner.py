@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsass.trainer.study import ledger
-from medsass.trainer.study.execute import execute, lost_starts
+from medsass.trainer.study.execute import execute, lost_starts, unreproduced_starts
 from medsass.trainer.study.jobs import Job, StudyData, make_jobs, select
 from medsass.trainer.study.report import write_report
 from medsass.trainer.study.spec import Study, load_study
@@ -62,11 +62,14 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
                     strategies=strategies, recipes=recipes, max_runs=max_runs)
     done = ledger.read_ledger(study.results_dir)
     if dry_run:
-        rerun = {j.key for j in lost_starts(chosen, done)}
+        rerun, unreproduced = {j.key for j in lost_starts(chosen, done)}, unreproduced_starts(chosen, done)
+        note = {"rerun": "  (in the ledger; its checkpoint is gone and a run to do starts from it)",
+                "unreproduced": "  (in the ledger; its checkpoint is a rerun that did not reproduce it: the runs to do "
+                                "that start from it fail)"}
         for j in chosen:
-            state = "rerun" if j.key in rerun else "done" if j.key in done else "todo"
-            log(f"{state}  {j.key}  {j.label}  -> {j.dir}" + ("  (in the ledger; its checkpoint is gone and a run to do "
-                                                            "starts from it)" if j.key in rerun else ""))
+            state = ("rerun" if j.key in rerun else "unreproduced" if j.key in unreproduced else
+                     "done" if j.key in done else "todo")
+            log(f"{state}  {j.key}  {j.label}  -> {j.dir}{note.get(state, '')}")
         return StudyOutcome(chosen, 0, {})
     ran, failed = 0, {}
     if not report_only:
