@@ -80,7 +80,7 @@ def test_lost_checkpoints_are_rerun_checked_and_not_appended_twice(tmp_path):
     assert states.count("unreproduced") == 1 and "rerun" not in states, res.output
     res = CliRunner().invoke(main, ["study", str(path)])
     assert res.exit_code == 3 and "not started from synth store pretrain seed0" in res.output, res.output
-    assert "the run it starts from failed" in res.output and "0 in the ledger run again" not in res.output
+    assert "the run it starts from failed" in res.output and "run again first" not in res.output
     # the user's way out: drop the pretraining's line; it is redone from the kept checkpoint, unmarked, and used
     rows = [r for r in _lines(tmp_path) if r["kind"] != "pretrain"]
     ledger.ledger_path(tmp_path / "results").write_text("".join(json.dumps(r) + "\n" for r in rows))
