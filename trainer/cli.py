@@ -155,9 +155,12 @@ def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bo
 @click.option("--max-runs", type=click.IntRange(min=1), default=None, help="Stop after this many runs of the grid (in run order).")
 @click.option("--dry-run", is_flag=True, help="List the runs (done / todo) and train nothing.")
 @click.option("--report-only", is_flag=True, help="Write the tables and plots from the ledger; train nothing.")
+@click.option("--adopt-reruns", is_flag=True,
+              help="A pretraining rerun (its checkpoint was gone) that does not reproduce its ledger line becomes a new "
+                   "start for the runs still to do, under new keys, instead of failing them; the ledger's runs keep theirs.")
 def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, targets: str,
               strategies: str, recipes: str, max_runs: int | None,
-              dry_run: bool, report_only: bool) -> None:
+              dry_run: bool, report_only: bool, adopt_reruns: bool) -> None:
     """Run a label-efficiency study (STUDY: a study YAML, e.g. benchmarks/studies/scale_cpu.yaml); resumable.
 
     Every finished run is one line of RESULTS_DIR/results.jsonl; re-running skips those and resumes the
@@ -173,7 +176,7 @@ def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds:
         outcome = run_study(study_file, overrides, datasets=split(datasets), seeds=[int(s) for s in split(seeds)] or None,
                             arms=split(arms), budgets=split(budgets), targets=split(targets),
                             strategies=split(strategies), recipes=split(recipes), max_runs=max_runs, dry_run=dry_run,
-                            report_only=report_only,
+                            report_only=report_only, adopt=adopt_reruns,
                             log=lambda m: click.echo(m, err=True))
     except (MedsassError, ValueError) as exc:
         raise _fail(exc) from None

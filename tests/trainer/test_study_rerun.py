@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from medsass.trainer.cli import main
 from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import lost_starts, reproduces
-from medsass.trainer.study.jobs import Job
+from medsass.trainer.study.jobs import Job, adopt_reruns
 
 from medsass.testing import make_synthetic_store, tiny_study_train
 
@@ -81,6 +82,29 @@ def test_lost_checkpoints_are_rerun_checked_and_not_appended_twice(tmp_path):
     res = CliRunner().invoke(main, ["study", str(path)])
     assert res.exit_code == 3 and "not started from synth store pretrain seed0" in res.output, res.output
     assert "the run it starts from failed" in res.output and "run again first" not in res.output
+    # or adopt the rerun: a new ledger line (new key), and the runs to do start from it under new keys
+    before = _lines(tmp_path)
+    res = CliRunner().invoke(main, ["study", str(path), "--adopt-reruns", "--dry-run"])
+    assert res.exit_code == 0 and "unreproduced " in res.output, res.output
+    adopt_dir = tmp_path / "adopt"
+    shutil.copytree(tmp_path / "out", adopt_dir / "out")
+    shutil.copytree(tmp_path / "results", adopt_dir / "results")
+    adopt_path = adopt_dir / "study.yaml"
+    adopt_path.write_text(path.read_text().replace(str(tmp_path / "out"), str(adopt_dir / "out"))
+                          .replace(str(tmp_path / "results"), str(adopt_dir / "results")))
+    res = CliRunner().invoke(main, ["study", str(adopt_path), "--adopt-reruns"])
+    assert res.exit_code == 0 and "adopted as rerun 1" in res.output, res.output
+    after = _lines(adopt_dir)
+    assert after[:len(before)] == before
+    rerun, e2e = after[len(before):]
+    assert rerun["rerun_of"] == pre["key"] and rerun["realization"] == 1 and rerun["key"] != pre["key"]
+    assert (e2e["arm"], e2e["n_labels"]) == ("end_to_end", 3)
+    assert not (adopt_dir / "out/runs/synth/store/seed0/unreproduced.json").exists()
+    table = (adopt_dir / "results" / "table.md").read_text()
+    assert "Adopted reruns" in table and "synth store pretrain seed0 (rerun 1)" in table and "started from it: 1 runs" in table
+    res = CliRunner().invoke(main, ["study", str(adopt_path)])  # and the next call finds it all done
+    assert res.exit_code == 0 and "0 to run" in res.output, res.output
+
     # the user's way out: drop the pretraining's line; it is redone from the kept checkpoint, unmarked, and used
     rows = [r for r in _lines(tmp_path) if r["kind"] != "pretrain"]
     ledger.ledger_path(tmp_path / "results").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -113,3 +137,22 @@ def test_reproduces_compares_every_split_and_the_ssl_loss():
     assert "on test" in reproduces({"kind": "pretrain", "evals": {}}, row)
     ssl = {"kind": "ssl", "ssl": {"loss_last": 0.5}}
     assert reproduces(ssl, ssl) is None and "SimCLR loss" in reproduces(ssl, {"kind": "ssl", "ssl": {"loss_last": 0.6}})
+
+
+def test_adopt_reruns_moves_only_the_runs_to_do_and_is_idempotent(tmp_path):
+    def job(name, kind, needs=None):
+        return Job(kind, "d", "t", "a", 0, str(tmp_path / name), {}, {"name": name, "source": needs.key if needs else None},
+                   needs=needs.key if needs else None)
+
+    pre = job("p", "pretrain")
+    done_run, todo_run, other = job("f", "finetune", pre), job("g", "finetune", pre), job("h", "finetune")
+    jobs = [pre, done_run, todo_run, other]
+    rows = {pre.key: {}, done_run.key: {}}
+    assert adopt_reruns(jobs, rows) == jobs  # nothing adopted
+    rerun = replace(pre, realization=1)
+    rows[rerun.key] = {"rerun_of": pre.key, "realization": 1}
+    out = adopt_reruns(jobs, rows)
+    assert [j.key for j in out[:2]] == [pre.key, done_run.key] and out[3] == other  # the ledger's runs keep their start
+    assert out[2].needs == rerun.key and out[2].key != todo_run.key and out[4].key == rerun.key
+    assert [j.key for j in adopt_reruns(out, rows)] == [j.key for j in out]
+    assert "(rerun 1)" in out[4].label

@@ -18,6 +18,7 @@ import math
 import multiprocessing as mp
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import medsass
 from medsass.trainer.config import load_config
 from medsass.trainer.run import plan_run, run_stages
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import Job
+from medsass.trainer.study.jobs import Job, adopted_reruns, start_from
 from medsass.trainer.study.spec import SSLSpec
 from medsass.trainer.suggest import suggest
 
@@ -200,20 +201,43 @@ def _worker(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> tuple[dict[str, An
 
 
 def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel: int = 1, keep_final: bool = False,
-            log=print) -> tuple[int, dict[str, str]]:
-    """Run the jobs whose key is not in the ledger (a job after the one it starts from); returns (ran, failures)."""
+            adopt: bool = False, log=print) -> tuple[int, dict[str, str]]:
+    """Run the jobs whose key is not in the ledger (a job after the one it starts from); returns (ran, failures).
+
+    ``adopt``: a rerun that does not reproduce its ledger row (or one marked so by an earlier call, which is then
+    evaluated again from its kept checkpoint) is adopted instead of failed: its row is appended under a new key
+    (``rerun_of``, ``realization``) and the runs to do that start from it start from it, under new keys."""
     rows = ledger.read_ledger(results_dir, repair=True)
     done = set(rows)
-    rerun = lost_starts(jobs, done)
+    marked = unreproduced_starts(jobs, done)
+    rerun = lost_starts(jobs, done) + ([j for j in jobs if j.key in marked] if adopt else [])
     waiting = {j.key for j in rerun}  # in the ledger, but their dependents wait for the checkpoint
     todo = rerun + [j for j in jobs if j.key not in done]
     log(f"{len(jobs)} runs: {len(jobs) - len(todo) + len(rerun)} in the ledger, {len(todo) - len(rerun)} to run, "
-        f"{n_parallel} at a time" + (f"; {len(rerun)} in the ledger run again first (their checkpoints are gone: "
+        f"{n_parallel} at a time" + (f"; {len(rerun)} in the ledger run again first (their checkpoints are gone"
+                                     f"{' or did not reproduce' if adopt and marked else ''}: "
                                      f"{', '.join(j.label for j in rerun)})" if rerun else ""))
-    failed: dict[str, str] = unreproduced_starts(jobs, done)
+    failed: dict[str, str] = {} if adopt else marked
     for key, why in failed.items():
         log(f"not started from {next(j.label for j in jobs if j.key == key)}: {why}")
     t0, n = time.time(), 0
+    pending = list(todo)  # the reruns first
+
+    def adopt_rerun(job: Job, row: dict[str, Any], diff: str) -> None:
+        """Append the rerun as a new realization of its run and start the pending runs that need it from it."""
+        base = replace(job, realization=0)
+        realization = max(job.realization, adopted_reruns(rows).get(base.key, 0)) + 1
+        new = replace(job, realization=realization)
+        row = {**row, "key": new.key, "rerun_of": base.key, "realization": realization, "differs": diff}
+        ledger.append(results_dir, row)
+        rows[new.key] = row
+        done.add(new.key)
+        unreproduced_marker(job).unlink(missing_ok=True)
+        for i, j in enumerate(pending):
+            if j.needs == job.key:
+                pending[i] = start_from(j, new)
+        log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: the rerun does not reproduce its ledger row "
+            f"({diff}); adopted as rerun {realization}: the runs to do start from it (new keys), the ledger's keep theirs")
 
     def finish(job: Job, row: dict[str, Any] | None, err: str | None) -> None:
         nonlocal n
@@ -226,11 +250,15 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
                 log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: rerun reproduces its ledger row "
                     f"({sum(row['seconds'].values()):.0f} s)")
                 return
+            if adopt:
+                adopt_rerun(job, row, diff)
+                return
             err = (f"its checkpoint was gone and the rerun does not reproduce its ledger row ({diff}), so runs "
                    f"started from it would not pair with the ledger's. The rerun's checkpoint stays in {job.dir} "
                    f"for inspection, marked by {unreproduced_marker(job).name}: nothing starts from it. Put the "
                    f"original {start_checkpoint(job).name} there (and delete the marker), or delete the run's line "
-                   f"and its dependents' from {ledger.ledger_path(results_dir)} to redo them all from this one")
+                   f"and its dependents' from {ledger.ledger_path(results_dir)} to redo them all from this one, or "
+                   f"adopt it as a new start for the runs still to do (--adopt-reruns)")
             write_json({"key": job.key, "differs": diff, "why": err}, unreproduced_marker(job))
         if err:
             failed[job.key] = err
@@ -245,8 +273,6 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
         sites = " ".join(f"{k[5:]} {micro_iou(v['counts']):.3f}" for k, v in row.get("evals", {}).items() if k.startswith("site:"))
         log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: {score} {sites} "
             f"({sum(row['seconds'].values()):.0f} s)")
-
-    pending = list(todo)  # the reruns first
 
     def next_ready() -> Job | None:
         for j in pending:

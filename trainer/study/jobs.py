@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +85,18 @@ class Job:
     site_splits: dict[str, list[str]] = field(default_factory=dict)
     priority: tuple = ()
     init_weights: str | dict[str, str] | None = None  # the study's init_weights as in the key (a file: its sha256)
+    realization: int = 0  # > 0: an adopted rerun of a pretraining that did not reproduce its ledger row (adopt_reruns)
 
     @property
     def key(self) -> str:
-        blob = json.dumps(self.identity, sort_keys=True, default=str)
+        ident = {**self.identity, "realization": self.realization} if self.realization else self.identity
+        blob = json.dumps(ident, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def label(self) -> str:
         extra = f" n={self.n_labels}" if self.kind == "finetune" else ""
+        extra += f" (rerun {self.realization})" if self.realization else ""
         extra += f" x{self.steps_factor} steps" if self.steps_factor > 1 else ""
         extra += f" picked by {self.strategy}" if self.strategy else ""
         extra += f" recipe {self.recipe}" if self.recipe else ""
@@ -341,6 +344,33 @@ def _strategy_job(study, train, d: StudyData, target, seed, n, names, strategy, 
     return Job("finetune", d.name, target, "end_to_end", seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                strategy=strategy, needs=source.key, sites=d.sites, site_splits=d.site_splits,
                priority=_priority("strategy", seed, d_i, n, 1))
+
+
+def adopted_reruns(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """start key -> the realization of its latest adopted rerun (ledger rows with ``rerun_of``)."""
+    out: dict[str, int] = {}
+    for r in rows.values():
+        if r.get("rerun_of"):
+            out[r["rerun_of"]] = max(out.get(r["rerun_of"], 0), int(r["realization"]))
+    return out
+
+
+def start_from(job: Job, start: Job) -> Job:
+    """``job`` started from ``start`` (an adopted rerun of the start it names): a new key, so never a ledger run's."""
+    return replace(job, identity={**job.identity, "source": start.key}, needs=start.key)
+
+
+def adopt_reruns(jobs: list[Job], rows: dict[str, dict[str, Any]]) -> list[Job]:
+    """The grid with the ledger's adopted reruns: each such pretraining (or SimCLR run) also as its rerun, and every
+    run still to do that starts from it started from the rerun instead (its key changes); runs in the ledger keep
+    the start they had. ``medsass-train study --adopt-reruns`` adopts a rerun that did not reproduce its row."""
+    adopted = adopted_reruns(rows)
+    if not adopted:
+        return jobs
+    by_key = {j.key: j for j in jobs}
+    starts = {k: replace(by_key[k], realization=r) for k, r in adopted.items() if k in by_key}
+    out = [start_from(j, starts[j.needs]) if j.needs in starts and j.key not in rows else j for j in jobs]
+    return out + [s for s in starts.values() if s.key not in by_key]  # idempotent
 
 
 def _get_steps(train: dict[str, Any]) -> int:

@@ -35,7 +35,9 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
             continue
         common = {"dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
                   "budgets": job.budgets, "steps_factor": job.steps_factor, "key": job.key, "seconds": row["seconds"],
-                  "labeled_ids": row.get("labeled_ids", [])}
+                  "labeled_ids": row.get("labeled_ids", []), "start": job.needs}
+        if job.realization:  # an adopted rerun: its runs are reported, its zero-shot scores stay the original's
+            continue
         for where, ev in row["evals"].items():
             base = {**common, "eval": where, "ids": ev["ids"]}
             if job.arm == "weights_pretrain":  # the same pseudo-masks as the main pretraining: no second floor
@@ -94,10 +96,12 @@ class Index:
 
     def __init__(self, runs: list[dict[str, Any]]):
         self.counts: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
+        self.starts: dict[tuple, dict[int, str | None]] = defaultdict(dict)  # the run each one started from
         self.ids: dict[tuple, tuple] = {}
         for r in runs:
             k = (r["dataset"], r["eval"], r["target"], r["arm"], r["n_labels"], r["steps_factor"])
             self.counts[k][r["seed"]] = r["counts"]
+            self.starts[k][r["seed"]] = r.get("start")
             self.ids[(r["dataset"], r["eval"])] = tuple(r["ids"])
 
     def arm(self, key: tuple, reps: int) -> Estimate | None:
@@ -106,10 +110,17 @@ class Index:
 
     def diff(self, a: tuple, b: tuple, reps: int) -> Estimate | None:
         sa, sb = self.counts.get(a, {}), self.counts.get(b, {})
-        seeds = sorted(set(sa) & set(sb))
+        seeds = [s for s in sorted(set(sa) & set(sb)) if self.same_start(a, b, s)]
         if not seeds:
             return None
         return paired_difference(np.stack([sa[s] for s in seeds]), np.stack([sb[s] for s in seeds]), reps=reps)
+
+
+    def same_start(self, a: tuple, b: tuple, seed: int) -> bool:
+        """False where both runs of the seed started from a pretraining, but not the same one (an adopted rerun):
+        such a pair would count the start's difference as the arms'. Scratch pairs with either."""
+        x, y = self.starts.get(a, {}).get(seed), self.starts.get(b, {}).get(seed)
+        return x is None or y is None or x == y
 
 
 def fmt(e: Estimate | None, signed: bool = False) -> str:
@@ -418,5 +429,13 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
     md += ["## Pairing check", "", *(f"- {p}" for p in problems)] if problems else \
           ["## Pairing check", "", "Every arm of a (dataset, seed, labels) used the same labeled images; every run of a "
            "dataset was scored on the same test images."]
+    adopted = [j for j in jobs if j.realization and j.key in rows]
+    if adopted:
+        md += ["", "Adopted reruns: pretrainings whose checkpoint was gone, run again on another machine, and not "
+               "reproduced; the runs done after them started from the rerun (`--adopt-reruns`). A paired difference "
+               "between two arms that both started from a pretraining uses only the seeds where they started from "
+               "the same one.", ""]
+        md += [f"- {j.label}: {rows[j.key].get('differs', '')}; started from it: "
+               f"{sum(1 for k in jobs if k.needs == j.key and k.key in rows)} runs" for j in adopted]
     atomic_write_bytes(out / "table.md", ("\n".join(md) + "\n").encode())
     log(f"report: {out / 'table.md'} ({len(runs)} evaluations from {len(rows)} ledger lines)")

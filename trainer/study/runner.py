@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import execute, lost_starts, unreproduced_starts
-from medsass.trainer.study.jobs import Job, StudyData, make_jobs, select
+from medsass.trainer.study.jobs import Job, StudyData, adopt_reruns, make_jobs, select
 from medsass.trainer.study.report import write_report
 from medsass.trainer.study.spec import Study, load_study
 from medsass.trainer.study.stores import data_digest, dataset_stores, labeled_train_count, site_store, split_counts
@@ -54,13 +54,14 @@ def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[Study
 def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[str] = (), seeds: Sequence[int] | None = None,
               arms: Sequence[str] = (), budgets: Sequence[str] = (), targets: Sequence[str] = (),
               strategies: Sequence[str] = (), recipes: Sequence[str] = (), max_runs: int | None = None,
-              dry_run: bool = False, report_only: bool = False, log=print) -> StudyOutcome:
+              dry_run: bool = False, report_only: bool = False, adopt: bool = False,
+              log=print) -> StudyOutcome:
     study, train = load_study(path, list(overrides))
     data = prepare(study, datasets, log)
-    jobs = make_jobs(study, train, data)
+    done = ledger.read_ledger(study.results_dir)
+    jobs = adopt_reruns(make_jobs(study, train, data), done)
     chosen = select(jobs, datasets=datasets, seeds=seeds, arms=arms, budgets=budgets, targets=targets,
                     strategies=strategies, recipes=recipes, max_runs=max_runs)
-    done = ledger.read_ledger(study.results_dir)
     if dry_run:
         rerun, unreproduced = {j.key for j in lost_starts(chosen, done)}, unreproduced_starts(chosen, done)
         note = {"rerun": "  (in the ledger; its checkpoint is gone and a run to do starts from it)",
@@ -76,8 +77,9 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
         _history(study, overrides, None, {}, 0.0)  # a killed session still leaves the command it ran
         t0 = time.time()
         ran, failed = execute(chosen, study.results_dir, ssl_spec=study.ssl, n_parallel=study.jobs,
-                              keep_final=study.keep_final, log=log)
+                              keep_final=study.keep_final, adopt=adopt, log=log)
         _history(study, overrides, ran, failed, time.time() - t0)
+        jobs = adopt_reruns(jobs, ledger.read_ledger(study.results_dir))  # with any rerun this call adopted
     write_report(study, data, jobs, log=log)
     return StudyOutcome(chosen, ran, failed)
 
