@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import zarr
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import make_jobs, strategy_targets
+from medsass.trainer.study.jobs import adopt_reruns, make_jobs, strategy_targets
 from medsass.trainer.study.runner import prepare
 from medsass.trainer.study.spec import load_study
 
@@ -66,10 +66,11 @@ def main() -> None:
     target = args.target or (strategy_targets(study.strategies, d) if study.strategies else [d.main_target])[0]
     if target not in d.stores:
         raise SystemExit(f"--target {target}: {d.name} has {', '.join(d.stores)}")
-    jobs = {j.key: j for j in make_jobs(study, train, data)}
+    rows = ledger.read_ledger(study.results_dir)
+    jobs = {j.key: j for j in adopt_reruns(make_jobs(study, train, data), rows)}  # runs from adopted reruns too
     table = image_table(Path(d.stores[target]))
     picks: dict[tuple[str, int], dict[int, tuple[list[str], float]]] = defaultdict(dict)
-    for key, row in ledger.read_ledger(study.results_dir).items():
+    for key, row in rows.items():
         j = jobs.get(key)
         if j is None or (j.kind, j.arm, j.target, j.recipe, j.steps_factor) != ("finetune", "end_to_end", target, None, 1):
             continue

@@ -115,7 +115,6 @@ class Index:
             return None
         return paired_difference(np.stack([sa[s] for s in seeds]), np.stack([sb[s] for s in seeds]), reps=reps)
 
-
     def same_start(self, a: tuple, b: tuple, seed: int) -> bool:
         """False where both runs of the seed started from a pretraining, but not the same one (an adopted rerun):
         such a pair would count the start's difference as the arms'. Scratch pairs with either."""

@@ -66,7 +66,7 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
         rerun, unreproduced = {j.key for j in lost_starts(chosen, done)}, unreproduced_starts(chosen, done)
         note = {"rerun": "  (in the ledger; its checkpoint is gone and a run to do starts from it)",
                 "unreproduced": "  (in the ledger; its checkpoint is a rerun that did not reproduce it: the runs to do "
-                                "that start from it fail)"}
+                                "that start from it " + ("start from the rerun, adopted" if adopt else "fail") + ")"}
         for j in chosen:
             state = ("rerun" if j.key in rerun else "unreproduced" if j.key in unreproduced else
                      "done" if j.key in done else "todo")
