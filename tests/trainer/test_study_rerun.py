@@ -7,13 +7,16 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 from medsass.trainer.cli import main
 from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import lost_starts, reproduces
-from medsass.trainer.study.jobs import Job, adopt_reruns
+from medsass.trainer.study.jobs import Job, adopt_reruns, select
+from medsass.trainer.study.report import Index
 
 from medsass.testing import make_synthetic_store, tiny_study_train
 
@@ -156,3 +159,54 @@ def test_adopt_reruns_moves_only_the_runs_to_do_and_is_idempotent(tmp_path):
     assert out[2].needs == rerun.key and out[2].key != todo_run.key and out[4].key == rerun.key
     assert [j.key for j in adopt_reruns(out, rows)] == [j.key for j in out]
     assert "(rerun 1)" in out[4].label
+
+
+def test_a_variant_moved_to_a_rerun_brings_its_partner_in_a_folder_of_its_own(tmp_path):
+    def job(name, needs=None, **kw):
+        out = str(tmp_path / name)
+        return Job("finetune" if needs else "pretrain", "d", "t", "end_to_end" if needs else "pretrain", 0, out,
+                   {"out_dir": out, "finetune": {"labeled_ids": f"{out}/suggest/picks.csv", "pretrained": "/p/final.pt"}},
+                   {"name": name, "source": needs.key if needs else None}, needs=needs.key if needs else None,
+                   budgets=kw.pop("budgets", ["5"]), **kw)
+
+    pre = job("p")
+    base5, base10 = job("e5", pre), job("e10", pre, budgets=["10"])  # in the ledger, from the original start
+    picked = job("u5", pre, strategy="uncertain")  # to do: moves to the rerun
+    jobs = [pre, base5, base10, picked]
+    rerun = replace(pre, realization=1)
+    rows = {pre.key: {}, base5.key: {}, base10.key: {}, rerun.key: {"rerun_of": pre.key, "realization": 1}}
+    out = adopt_reruns(jobs, rows)
+    moved = next(j for j in out if j.strategy)
+    partner = next(j for j in out if j.partner_of)
+    assert moved.needs == partner.needs == rerun.key and partner.partner_of == (moved.key,)
+    assert partner.key not in rows and partner.budgets == ["5"]  # base10 pairs with nothing moved: not run again
+    assert sum(1 for j in out if j.budgets == ["10"]) == 1
+    # own folders: nothing the original start's runs left in theirs is resumed as these runs
+    assert partner.dir == str(tmp_path / "e5@rerun1") and partner.config["out_dir"] == partner.dir
+    assert moved.config["finetune"] == {"labeled_ids": str(tmp_path / "u5@rerun1/suggest/picks.csv"),
+                                        "pretrained": "/p/final.pt"}
+    assert [j.key for j in adopt_reruns(out, rows)] == [j.key for j in out]  # idempotent
+    # choosing the strategy's runs keeps what they pair with (and the start they need)
+    chosen = {j.key for j in select(out, strategies=["uncertain"])}
+    assert chosen == {moved.key, partner.key, rerun.key}
+
+
+def test_pairs_take_the_runs_with_the_same_start():
+    def run(arm, seed, start, value, rerun=False):
+        return {"dataset": "d", "eval": "test", "target": "t", "arm": arm, "n_labels": 5, "steps_factor": 1, "seed": seed,
+                "start": start, "from_rerun": rerun, "ids": ["a", "b"],
+                "counts": np.array([[value, 10 - value, 0], [value, 10 - value, 0]])}
+
+    key = lambda arm: ("d", "test", "t", arm, 5, 1)  # noqa: E731
+    runs = [run("scratch", s, None, 4) for s in (0, 1, 2)]
+    runs += [run("end_to_end", s, "P", 6) for s in (0, 1, 2)]  # seeds 1-2 from the original start ...
+    runs += [run("end_to_end", s, "R", 5, rerun=True) for s in (1, 2)]  # ... and again from their rerun (partners)
+    runs += [run("strategy:uncertain", 0, "P", 8)] + [run("strategy:uncertain", s, "R", 7, rerun=True) for s in (1, 2)]
+    idx = Index(runs)
+    assert all(float(c[0, 0]) == 6 for c in idx.counts[key("end_to_end")].values())  # tables: the original's runs
+    assert idx.diff(key("end_to_end"), key("scratch"), reps=50).mean == pytest.approx(0.6 - 0.4)
+    d = idx.diff(key("strategy:uncertain"), key("end_to_end"), reps=50)  # 0.8-0.6 on seed 0, 0.7-0.5 on seeds 1-2
+    assert d.n_seeds == 3 and d.mean == pytest.approx(0.2)
+    # without the partners, seeds 1-2 have no same-start pair
+    lone = Index([r for r in runs if not (r["arm"] == "end_to_end" and r["start"] == "R")])
+    assert lone.diff(key("strategy:uncertain"), key("end_to_end"), reps=50).n_seeds == 1

@@ -86,6 +86,7 @@ class Job:
     priority: tuple = ()
     init_weights: str | dict[str, str] | None = None  # the study's init_weights as in the key (a file: its sha256)
     realization: int = 0  # > 0: an adopted rerun of a pretraining that did not reproduce its ledger row (adopt_reruns)
+    partner_of: tuple[str, ...] = ()  # the runs moved to an adopted rerun that this run, run again from it, pairs with
 
     @property
     def key(self) -> str:
@@ -356,20 +357,49 @@ def adopted_reruns(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 
 def start_from(job: Job, start: Job) -> Job:
-    """``job`` started from ``start`` (an adopted rerun of the start it names): a new key, so never a ledger run's."""
-    return replace(job, identity={**job.identity, "source": start.key}, needs=start.key)
+    """``job`` started from ``start`` (an adopted rerun of the start it names): a new key, so never a ledger run's, and
+    a folder of its own (``<folder>@rerun<k>``), so that the checkpoints a ledger run from the original start may have
+    left in its folder are never resumed as this run's."""
+    home = f"{job.dir}@rerun{start.realization}"
+    return replace(job, identity={**job.identity, "source": start.key}, needs=start.key, dir=home,
+                   config=_rehome(job.config, job.dir, home))
+
+
+def _rehome(data: Any, old: str, new: str) -> Any:
+    """``data`` with every path in folder ``old`` (a string equal to it or under it) moved to folder ``new``."""
+    if isinstance(data, dict):
+        return {k: _rehome(v, old, new) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_rehome(v, old, new) for v in data]
+    if isinstance(data, str) and (data == old or data.startswith(old.rstrip("/") + "/")):
+        return new + data[len(old.rstrip("/")):] if data != old else new
+    return data
 
 
 def adopt_reruns(jobs: list[Job], rows: dict[str, dict[str, Any]]) -> list[Job]:
     """The grid with the ledger's adopted reruns: each such pretraining (or SimCLR run) also as its rerun, and every
     run still to do that starts from it started from the rerun instead (its key changes); runs in the ledger keep
-    the start they had. ``medsass-train study --adopt-reruns`` adopts a rerun that did not reproduce its row."""
+    the start they had. ``medsass-train study --adopt-reruns`` adopts a rerun that did not reproduce its row.
+
+    A strategy or recipe run moved to the rerun is compared with its arm as the grid runs it (same seed, budget and
+    start): where the ledger has that run only from the original start, it is run again from the rerun too (a
+    *partner*), as the report pairs two runs that started from a pretraining only when they started from the same one."""
     adopted = adopted_reruns(rows)
     if not adopted:
         return jobs
     by_key = {j.key: j for j in jobs}
     starts = {k: replace(by_key[k], realization=r) for k, r in adopted.items() if k in by_key}
-    out = [start_from(j, starts[j.needs]) if j.needs in starts and j.key not in rows else j for j in jobs]
+    moving = [j for j in jobs if j.needs in starts and j.key not in rows]
+    out = [start_from(j, starts[j.needs]) if j in moving else j for j in jobs]
+
+    def variants(j: Job) -> tuple[str, ...]:  # the moved runs that a ledger run of the grid's arm is compared with
+        if j.kind != "finetune" or j.key not in rows or j.needs not in starts or j.strategy or j.recipe:
+            return ()
+        return tuple(start_from(m, starts[m.needs]).key for m in moving
+                     if m.needs == j.needs and m.seed == j.seed and m.arm == j.arm and m.steps_factor == j.steps_factor
+                     and (m.strategy or m.recipe) and set(m.budgets) & set(j.budgets))
+
+    out += [replace(start_from(j, starts[j.needs]), partner_of=v) for j in jobs if (v := variants(j))]
     return out + [s for s in starts.values() if s.key not in by_key]  # idempotent
 
 
@@ -408,7 +438,7 @@ def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=Non
     ``targets`` keeps runs on those pseudo-mask targets (e.g. ``fov_otsu_hull``, ``otsu``, ``fov_otsu_hull+sites``);
     ``strategies`` keeps fine-tune runs whose labeled images were picked that way (``random``: the budget's random
     subset, i.e. the main comparison); ``recipes`` keeps fine-tune runs of those recipes (``none``: the arms as the grid
-    runs them).
+    runs them). The partners of the runs kept (:func:`adopt_reruns`) are kept with them.
     """
     def chosen_finetune(j: Job) -> bool:
         return ((not arms or j.arm in arms) and (not budgets or bool(set(j.budgets) & set(budgets)))
@@ -417,6 +447,8 @@ def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=Non
 
     keep = [j for j in jobs if (not datasets or j.dataset in datasets) and (seeds is None or j.seed in seeds)
             and (j.kind != "finetune" or chosen_finetune(j))]
+    chosen = {j.key for j in keep}
+    keep += [j for j in jobs if j.key not in chosen and set(j.partner_of) & chosen]  # what the chosen pair with
     needed = {j.needs for j in keep if j.kind == "finetune"}
     narrowed = arms or budgets or targets or strategies or recipes
     keep = [j for j in keep if j.kind == "finetune" or j.key in needed or not narrowed]

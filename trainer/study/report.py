@@ -29,13 +29,15 @@ CSV_COLUMNS = ["dataset", "target", "arm", "seed", "n_labels", "budgets", "steps
 def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[dict[str, Any]]:
     """One entry per (run, evaluation): pretrain rows give a floor and a zero-shot entry; SSL rows none."""
     out = []
+    reruns = {j.key for j in jobs if j.realization}
     for job in jobs:
         row = rows.get(job.key)
         if row is None or "evals" not in row:
             continue
         common = {"dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
                   "budgets": job.budgets, "steps_factor": job.steps_factor, "key": job.key, "seconds": row["seconds"],
-                  "labeled_ids": row.get("labeled_ids", []), "start": job.needs}
+                  "labeled_ids": row.get("labeled_ids", []), "start": job.needs,
+                  "from_rerun": job.needs in reruns}
         if job.realization:  # an adopted rerun: its runs are reported, its zero-shot scores stay the original's
             continue
         for where, ev in row["evals"].items():
@@ -92,16 +94,23 @@ def write_csv(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 class Index:
-    """(dataset, eval, target, arm, n, factor) -> seed -> counts, with the ids they are ordered by."""
+    """(dataset, eval, target, arm, n, factor) -> seed -> counts, with the ids they are ordered by.
+
+    A seed may have a run from the original start and one from an adopted rerun of it (a partner, run again so that
+    a variant started from the rerun has a same-start pair): the tables show the original's, the pairs take the runs
+    that share a start."""
 
     def __init__(self, runs: list[dict[str, Any]]):
         self.counts: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
         self.starts: dict[tuple, dict[int, str | None]] = defaultdict(dict)  # the run each one started from
+        self.by_start: dict[tuple, dict[int, dict[str | None, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
         self.ids: dict[tuple, tuple] = {}
         for r in runs:
-            k = (r["dataset"], r["eval"], r["target"], r["arm"], r["n_labels"], r["steps_factor"])
-            self.counts[k][r["seed"]] = r["counts"]
-            self.starts[k][r["seed"]] = r.get("start")
+            k, seed = (r["dataset"], r["eval"], r["target"], r["arm"], r["n_labels"], r["steps_factor"]), r["seed"]
+            self.by_start[k][seed][r.get("start")] = r["counts"]
+            if seed not in self.counts[k] or not r.get("from_rerun"):
+                self.counts[k][seed] = r["counts"]
+                self.starts[k][seed] = r.get("start")
             self.ids[(r["dataset"], r["eval"])] = tuple(r["ids"])
 
     def arm(self, key: tuple, reps: int) -> Estimate | None:
@@ -109,17 +118,22 @@ class Index:
         return estimate(np.stack([by_seed[s] for s in sorted(by_seed)]), reps=reps) if by_seed else None
 
     def diff(self, a: tuple, b: tuple, reps: int) -> Estimate | None:
-        sa, sb = self.counts.get(a, {}), self.counts.get(b, {})
-        seeds = [s for s in sorted(set(sa) & set(sb)) if self.same_start(a, b, s)]
-        if not seeds:
+        pairs = [p for s in sorted(set(self.counts.get(a, {})) & set(self.counts.get(b, {})))
+                 if (p := self.pair(a, b, s)) is not None]
+        if not pairs:
             return None
-        return paired_difference(np.stack([sa[s] for s in seeds]), np.stack([sb[s] for s in seeds]), reps=reps)
+        return paired_difference(np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs]), reps=reps)
 
-    def same_start(self, a: tuple, b: tuple, seed: int) -> bool:
-        """False where both runs of the seed started from a pretraining, but not the same one (an adopted rerun):
-        such a pair would count the start's difference as the arms'. Scratch pairs with either."""
-        x, y = self.starts.get(a, {}).get(seed), self.starts.get(b, {}).get(seed)
-        return x is None or y is None or x == y
+    def pair(self, a: tuple, b: tuple, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The seed's runs of ``a`` and ``b`` that started from the same pretraining; None where there are none (a run
+        from an adopted rerun and one from the original: the pair would count the starts' difference as the arms').
+        Scratch pairs with either."""
+        x, y = self.starts[a][seed], self.starts[b][seed]
+        if x is None or y is None or x == y:
+            return self.counts[a][seed], self.counts[b][seed]
+        ra, rb = self.by_start[a][seed], self.by_start[b][seed]
+        common = [s for s in (x, y, *sorted(set(ra) - {None})) if s in ra and s in rb]
+        return (ra[common[0]], rb[common[0]]) if common else None
 
 
 def fmt(e: Estimate | None, signed: bool = False) -> str:
