@@ -445,9 +445,10 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
     adopted = [j for j in jobs if j.realization and j.key in rows]
     if adopted:
         md += ["", "Adopted reruns: pretrainings whose checkpoint was gone, run again on another machine, and not "
-               "reproduced; the runs done after them started from the rerun (`--adopt-reruns`). A paired difference "
-               "between two arms that both started from a pretraining uses only the seeds where they started from "
-               "the same one.", ""]
+               "reproduced; the runs done after them started from the rerun (`--adopt-reruns`), with the arm a strategy "
+               "or recipe run is compared with run again from it where the ledger had it from the original. A paired "
+               "difference between two arms that both started from a pretraining pairs the runs of a seed that "
+               "started from the same one; the tables show the original start's.", ""]
         md += [f"- {j.label}: {rows[j.key].get('differs', '')}; started from it: "
                f"{sum(1 for k in jobs if k.needs == j.key and k.key in rows)} runs" for j in adopted]
     atomic_write_bytes(out / "table.md", ("\n".join(md) + "\n").encode())
