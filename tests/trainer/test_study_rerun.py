@@ -3,6 +3,7 @@ is run again before the runs that start from it, must reproduce its ledger row, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -210,3 +211,29 @@ def test_pairs_take_the_runs_with_the_same_start():
     # without the partners, seeds 1-2 have no same-start pair
     lone = Index([r for r in runs if not (r["arm"] == "end_to_end" and r["start"] == "R")])
     assert lone.diff(key("strategy:uncertain"), key("end_to_end"), reps=50).n_seeds == 1
+
+
+def test_adopting_a_rerun_in_one_call_runs_the_moved_strategy_and_its_partner(tmp_path):
+    path = _study(tmp_path, ["2"])
+    assert CliRunner().invoke(main, ["study", str(path)]).exit_code == 0
+    # a new machine, whose pretraining will not reproduce (the ledger's counts altered), and a strategy to run
+    shutil.rmtree(tmp_path / "out" / "runs")
+    rows = _lines(tmp_path)
+    pre = next(r for r in rows if r["kind"] == "pretrain")
+    pre["evals"]["test"]["counts"][0][0] += 1
+    ledger.ledger_path(tmp_path / "results").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = yaml.safe_load(path.read_text())
+    data["strategies"] = {"names": ["uncertain"], "budgets": ["2"]}
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["study", str(path), "--adopt-reruns", "--strategies", "uncertain"])
+    assert res.exit_code == 0 and "1 of those run again from it" in res.output, res.output
+    new = _lines(tmp_path)[len(rows):]
+    rerun = new[0]
+    assert rerun["rerun_of"] == pre["key"]
+    assert sorted((r["arm"], r.get("strategy", "random")) for r in new[1:]) == [("end_to_end", "random"), ("end_to_end", "uncertain")]
+    assert (tmp_path / "out/runs/synth/store/seed0/n002/end_to_end@rerun1/finetune/best.pt").exists()
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "started from it: 2 runs" in table
+    assert re.search(r"\| 2 \| [0-9.]+ \(1\) \| [0-9.]+ \(1\) \| [-+][0-9.]+ \[", table), table  # uncertain − random: paired
+    res = CliRunner().invoke(main, ["study", str(path), "--adopt-reruns", "--dry-run"])
+    assert "todo " not in res.output, res.output  # the moved run and its partner are both done

@@ -26,7 +26,7 @@ import medsass
 from medsass.trainer.config import load_config
 from medsass.trainer.run import plan_run, run_stages
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import Job, adopted_reruns, start_from
+from medsass.trainer.study.jobs import Job, adopted_reruns, partner_runs, start_from
 from medsass.trainer.study.spec import SSLSpec
 from medsass.trainer.suggest import suggest
 
@@ -201,12 +201,13 @@ def _worker(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> tuple[dict[str, An
 
 
 def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel: int = 1, keep_final: bool = False,
-            adopt: bool = False, log=print) -> tuple[int, dict[str, str]]:
+            adopt: bool = False, grid: list[Job] | None = None, log=print) -> tuple[int, dict[str, str]]:
     """Run the jobs whose key is not in the ledger (a job after the one it starts from); returns (ran, failures).
 
     ``adopt``: a rerun that does not reproduce its ledger row (or one marked so by an earlier call, which is then
     evaluated again from its kept checkpoint) is adopted instead of failed: its row is appended under a new key
-    (``rerun_of``, ``realization``) and the runs to do that start from it start from it, under new keys."""
+    (``rerun_of``, ``realization``) and the runs to do that start from it start from it, under new keys, with the
+    ledger runs of ``grid`` (default ``jobs``) that a moved strategy or recipe run pairs with (:func:`partner_runs`)."""
     rows = ledger.read_ledger(results_dir, repair=True)
     done = set(rows)
     marked = unreproduced_starts(jobs, done)
@@ -233,11 +234,14 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
         rows[new.key] = row
         done.add(new.key)
         unreproduced_marker(job).unlink(missing_ok=True)
-        for i, j in enumerate(pending):
-            if j.needs == job.key:
-                pending[i] = start_from(j, new)
+        moving = [j for j in pending if j.needs == job.key]
+        pending[:] = [start_from(j, new) if j.needs == job.key else j for j in pending]
+        partners = [p for p in partner_runs(grid or jobs, moving, {job.key: new}, done) if p.key not in done]
+        pending.extend(partners)
+        todo.extend(partners)
         log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: the rerun does not reproduce its ledger row "
-            f"({diff}); adopted as rerun {realization}: the runs to do start from it (new keys), the ledger's keep theirs")
+            f"({diff}); adopted as rerun {realization}: the runs to do start from it (new keys), the ledger's keep theirs"
+            + (f"; {len(partners)} of those run again from it, to pair with the runs moved to it" if partners else ""))
 
     def finish(job: Job, row: dict[str, Any] | None, err: str | None) -> None:
         nonlocal n

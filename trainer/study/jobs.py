@@ -391,16 +391,22 @@ def adopt_reruns(jobs: list[Job], rows: dict[str, dict[str, Any]]) -> list[Job]:
     starts = {k: replace(by_key[k], realization=r) for k, r in adopted.items() if k in by_key}
     moving = [j for j in jobs if j.needs in starts and j.key not in rows]
     out = [start_from(j, starts[j.needs]) if j in moving else j for j in jobs]
+    out += partner_runs(jobs, moving, starts, set(rows))
+    return out + [s for s in starts.values() if s.key not in by_key]  # idempotent
 
-    def variants(j: Job) -> tuple[str, ...]:  # the moved runs that a ledger run of the grid's arm is compared with
-        if j.kind != "finetune" or j.key not in rows or j.needs not in starts or j.strategy or j.recipe:
+
+def partner_runs(jobs: list[Job], moving: list[Job], starts: dict[str, Job], done: set[str]) -> list[Job]:
+    """The ledger runs (keys in ``done``) of the grid's arms that a strategy or recipe run in ``moving`` (runs to do,
+    before they move to the rerun ``starts[needs]``) is compared with: same start, seed, arm and budget; each again
+    from the rerun, with ``partner_of`` naming the moved runs it pairs with."""
+    def variants(j: Job) -> tuple[str, ...]:
+        if j.kind != "finetune" or j.key not in done or j.needs not in starts or j.strategy or j.recipe:
             return ()
         return tuple(start_from(m, starts[m.needs]).key for m in moving
                      if m.needs == j.needs and m.seed == j.seed and m.arm == j.arm and m.steps_factor == j.steps_factor
                      and (m.strategy or m.recipe) and set(m.budgets) & set(j.budgets))
 
-    out += [replace(start_from(j, starts[j.needs]), partner_of=v) for j in jobs if (v := variants(j))]
-    return out + [s for s in starts.values() if s.key not in by_key]  # idempotent
+    return [replace(start_from(j, starts[j.needs]), partner_of=v) for j in jobs if (v := variants(j))]
 
 
 def _get_steps(train: dict[str, Any]) -> int:

@@ -77,7 +77,7 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
         _history(study, overrides, None, {}, 0.0)  # a killed session still leaves the command it ran
         t0 = time.time()
         ran, failed = execute(chosen, study.results_dir, ssl_spec=study.ssl, n_parallel=study.jobs,
-                              keep_final=study.keep_final, adopt=adopt, log=log)
+                              keep_final=study.keep_final, adopt=adopt, grid=jobs, log=log)
         _history(study, overrides, ran, failed, time.time() - t0)
         jobs = adopt_reruns(jobs, ledger.read_ledger(study.results_dir))  # with any rerun this call adopted
     write_report(study, data, jobs, log=log)
