@@ -74,6 +74,8 @@ def main() -> None:
         j = jobs.get(key)
         if j is None or (j.kind, j.arm, j.target, j.recipe, j.steps_factor) != ("finetune", "end_to_end", target, None, 1):
             continue
+        if j.partner_of:  # random picks run again from an adopted rerun: the same images; the table keeps the original's
+            continue
         iou = micro_iou(np.asarray(row["evals"]["test"]["counts"]))
         picks[(j.strategy or "random", j.n_labels)][j.seed] = (row["labeled_ids"], iou)
     train = table[table["split"] == "train"]
