@@ -208,6 +208,7 @@ def test_pairs_take_the_runs_with_the_same_start():
     assert idx.diff(key("end_to_end"), key("scratch"), reps=50).mean == pytest.approx(0.6 - 0.4)
     d = idx.diff(key("strategy:uncertain"), key("end_to_end"), reps=50)  # 0.8-0.6 on seed 0, 0.7-0.5 on seeds 1-2
     assert d.n_seeds == 3 and d.mean == pytest.approx(0.2)
+    assert {s: float(c[0, 0]) for s, c in idx.partners(key("strategy:uncertain"), key("end_to_end")).items()} == {1: 5, 2: 5}
     # without the partners, seeds 1-2 have no same-start pair
     lone = Index([r for r in runs if not (r["arm"] == "end_to_end" and r["start"] == "R")])
     assert lone.diff(key("strategy:uncertain"), key("end_to_end"), reps=50).n_seeds == 1
@@ -235,5 +236,6 @@ def test_adopting_a_rerun_in_one_call_runs_the_moved_strategy_and_its_partner(tm
     table = (tmp_path / "results" / "table.md").read_text()
     assert "started from it: 2 runs" in table
     assert re.search(r"\| 2 \| [0-9.]+ \(1\) \| [0-9.]+ \(1\) \| [-+][0-9.]+ \[", table), table  # uncertain − random: paired
+    assert "Random picks run again from an adopted rerun" in table and "2 labels, seed 0: " in table
     res = CliRunner().invoke(main, ["study", str(path), "--adopt-reruns", "--dry-run"])
     assert "todo " not in res.output, res.output  # the moved run and its partner are both done

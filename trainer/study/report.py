@@ -135,6 +135,16 @@ class Index:
         common = [s for s in (x, y, *sorted(set(ra) - {None})) if s in ra and s in rb]
         return (ra[common[0]], rb[common[0]]) if common else None
 
+    def partners(self, a: tuple, b: tuple) -> dict[int, np.ndarray]:
+        """seed -> the run of ``b`` that :meth:`pair` takes where it is not the one the tables show (a partner from an
+        adopted rerun)."""
+        out = {}
+        for seed in sorted(set(self.counts.get(a, {})) & set(self.counts.get(b, {}))):
+            p = self.pair(a, b, seed)
+            if p is not None and p[1] is not self.counts[b][seed]:
+                out[seed] = p[1]
+        return out
+
 
 def fmt(e: Estimate | None, signed: bool = False) -> str:
     if e is None:
@@ -220,10 +230,19 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
         lines = [] if target == d.main_target else [f"{arm_label('end_to_end', target, d.main_target)}:", ""]
         lines += ["| labels | " + " | ".join(name for _, name in cols) + " | "
                   + " | ".join(f"{s} − random" for s in st.names) + " |", "|---:|" + "---:|" * (len(cols) + len(st.names))]
+        notes = []
         for n in ns:
             cells = [fmt(idx.arm(key(a, n), study.bootstrap)) for a, _ in cols]
             cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            partners = {seed: c for s in st.names
+                        for seed, c in idx.partners(key(f"strategy:{s}", n), key("end_to_end", n)).items()}
+            shown = idx.counts.get(key("end_to_end", n), {})
+            notes += [f"{n} labels, seed {seed}: {micro_iou(c):.3f} (the original start's {micro_iou(shown[seed]):.3f})"
+                      for seed, c in sorted(partners.items())]
+        if notes:
+            lines += ["", "Random picks run again from an adopted rerun, the start of the strategy runs they pair with "
+                      "(the random column shows the original start's): " + "; ".join(notes) + "."]
         blocks.append(lines)
     return join_blocks(blocks)
 
