@@ -442,9 +442,11 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
         kept = kept_section(d, runs)
         if kept:
             md += ["", "### keep_start: fine-tunes that kept the pretrained model (its val IoU was not beaten)", "", *kept]
-        strat = strategies_section(study, d, idx, "test")
-        if strat:
-            md += ["", "### Which images to label (`medsass-train suggest` strategies, end-to-end arm, test IoU)", "", *strat]
+        for where in ["test", *(f"site:{site}" for site in d.sites)]:
+            strat = strategies_section(study, d, idx, where)
+            if strat:
+                md += ["", "### Which images to label (`medsass-train suggest` strategies, end-to-end arm, IoU on "
+                       f"{'the test split' if where == 'test' else where[5:]})", "", *strat]
         for where in ["test", *(f"site:{site}" for site in d.sites)]:
             rec = recipes_section(study, d, idx, where)
             if rec:
