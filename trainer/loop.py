@@ -335,8 +335,14 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         warnings.warn(replaced, MedsassWarning, stacklevel=2)
     try:
         with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
-            loop.run(iter(loader), state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage,
-                     keep_start=keep_start)
+            batches = iter(loader)
+            try:
+                loop.run(batches, state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage,
+                         keep_start=keep_start)
+            finally:
+                # the workers ignore SIGTERM (stream.ignore_sigterm), so stop them here: an exception's traceback
+                # keeps the iterator alive until exit, where multiprocessing would wait for them after a SIGTERM
+                getattr(batches, "_shutdown_workers", lambda: None)()
         kept = keep_start and state.best_step == 0
         if kept:
             log.note(state.step, f"best.pt is the pretrained model: no fine-tuned checkpoint beat its val IoU "

@@ -8,6 +8,7 @@ only the rows still sitting in the shuffle buffer, so the resumed stream is bit-
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,16 +251,29 @@ def _check_sources(sources: list[Source]) -> int:
     return size
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM, which the trainer handles.
+
+    torch's workers die on a SIGTERM that their parent did not send, and the trainer then fails with "DataLoader
+    worker killed" instead of writing ``last.pt`` (:mod:`medsass.trainer.preempt`). SLURM's pre-emption and
+    ``scancel`` signal every process of the job, workers included. Ignoring it is safe: a worker still exits when
+    the trainer shuts the loader down, and when the trainer dies (torch's watchdog checks the parent).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: ShardStream, *, batch_size: int, num_workers: int, pin_memory: bool,
                 prefetch_factor: int = 4, multiprocessing_context: str | None = None) -> DataLoader:
     """The DataLoader for a :class:`ShardStream`: batch ``i`` comes from worker ``i % num_workers``.
 
     Create one iterator per run (``iter(loader)`` restarts the stream at ``start_batch``); to resume,
     build a new stream with ``start_batch`` = batches already taken and the same ``num_workers``.
+    Workers ignore SIGTERM (:func:`ignore_sigterm`): the trainer decides when to stop.
     """
     if batch_size != dataset.batch_size:
         raise ConfigError(f"make_loader batch_size={batch_size} differs from the stream's batch_size={dataset.batch_size}; "
                           "they must match for exact resume")
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=prefetch_factor if num_workers > 0 else None, in_order=True,
+                      worker_init_fn=ignore_sigterm if num_workers > 0 else None,
                       multiprocessing_context=multiprocessing_context if num_workers > 0 else None)

@@ -59,10 +59,12 @@ def reference(tmp_path_factory, store):
     return get
 
 
-# SIGTERM to the DataLoader workers is not covered: torch's worker handler exits on it, and the main process then
-# fails ("worker exited unexpectedly"). The workflows send USR1 to the trainer alone (see workflows/README.md).
-@pytest.mark.parametrize(("sig", "workers", "group"), [(signal.SIGUSR1, 0, False), (signal.SIGUSR1, 2, True)],
-                         ids=["usr1", "usr1-to-the-process-group-with-dataloader-workers"])
+# SIGTERM to the whole group is what SLURM's pre-emption and scancel send: torch's own worker handler would end the
+# workers on it and fail the run ("worker killed by signal: Terminated"); make_loader's workers ignore it.
+@pytest.mark.parametrize(("sig", "workers", "group"), [(signal.SIGUSR1, 0, False), (signal.SIGUSR1, 2, True),
+                                                       (signal.SIGTERM, 2, True)],
+                         ids=["usr1", "usr1-to-the-process-group-with-dataloader-workers",
+                              "term-to-the-process-group-with-dataloader-workers"])
 def test_signal_checkpoints_exits_75_and_rerun_matches_uninterrupted(tmp_path, store, reference, sig, workers, group):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(configio.to_dict(tiny(tmp_path / "run", store, workers))))
