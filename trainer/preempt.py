@@ -50,7 +50,8 @@ def watch(signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
     """Catch ``signals`` (set the flag instead of dying) inside the block; restore the old handlers after.
 
     Outside the main thread (where Python cannot install handlers) it does nothing. DataLoader workers
-    forked inside the block inherit the handler, so a signal sent to the whole job does not kill them.
+    forked inside the block inherit the handler (torch's worker then replaces SIGTERM's, and make_loader's
+    ``worker_init_fn`` ignores SIGTERM), so a signal sent to the whole job does not kill them.
     """
     global _received
     if threading.current_thread() is not threading.main_thread():
