@@ -192,6 +192,40 @@ def test_a_variant_moved_to_a_rerun_brings_its_partner_in_a_folder_of_its_own(tm
     assert chosen == {moved.key, partner.key, rerun.key}
 
 
+def test_a_start_adopted_twice_keeps_the_runs_done_from_its_first_rerun(tmp_path):
+    """A start adopted again on a later machine (its first rerun's checkpoint was gone too): the runs done from the
+    first rerun stay in the plan as done (the report pairs them) and are not moved to the second rerun and run again;
+    only the runs still to do move, with their partner."""
+    def job(name, needs=None, **kw):
+        out = str(tmp_path / name)
+        return Job("finetune" if needs else "pretrain", "d", "t", "end_to_end" if needs else "pretrain", 0, out,
+                   {"out_dir": out}, {"name": name, "source": needs.key if needs else None},
+                   needs=needs.key if needs else None, budgets=kw.pop("budgets", ["5"]), **kw)
+
+    pre = job("p")
+    base5, base10 = job("e5", pre), job("e10", pre, budgets=["10"])  # in the ledger from the original start
+    u5, u10 = job("u5", pre, strategy="uncertain"), job("u10", pre, budgets=["10"], strategy="uncertain")
+    jobs = [pre, base5, base10, u5, u10]
+    r1, r2 = replace(pre, realization=1), replace(pre, realization=2)
+    rows = {pre.key: {}, base5.key: {}, base10.key: {}, r1.key: {"rerun_of": pre.key, "realization": 1}}
+    first = adopt_reruns(jobs, rows)
+    u5_r1 = next(j for j in first if j.strategy and j.budgets == ["5"])
+    partner_r1 = next(j for j in first if j.partner_of == (u5_r1.key,))
+    rows |= {u5_r1.key: {}, partner_r1.key: {}}  # the first machine ran u5 and its partner from rerun 1, not u10
+    rows[r2.key] = {"rerun_of": pre.key, "realization": 2}  # the next machine adopted the start again
+    out = adopt_reruns(jobs, rows)
+    keys = [j.key for j in out]
+    assert len(keys) == len(set(keys))
+    # done from rerun 1: still in the plan, under their keys, from rerun 1; the original u5 key is gone (never to do)
+    assert u5_r1.key in keys and partner_r1.key in keys and u5.key not in keys
+    assert next(j for j in out if j.key == u5_r1.key).needs == r1.key
+    # to do: u10 moves to rerun 2 and brings base10 from rerun 2 as its partner; u5 is not run a second time
+    moved = [j for j in out if j.key not in rows and j.kind == "finetune"]
+    assert {(j.strategy, tuple(j.budgets), j.needs) for j in moved} == {("uncertain", ("10",), r2.key), (None, ("10",), r2.key)}
+    assert {r1.key, r2.key} <= set(keys)  # both reruns are listed (the report reads which runs came from a rerun)
+    assert [j.key for j in adopt_reruns(out, rows)] == keys  # idempotent
+
+
 def test_pairs_take_the_runs_with_the_same_start():
     def run(arm, seed, start, value, rerun=False):
         return {"dataset": "d", "eval": "test", "target": "t", "arm": arm, "n_labels": 5, "steps_factor": 1, "seed": seed,

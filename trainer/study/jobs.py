@@ -349,11 +349,17 @@ def _strategy_job(study, train, d: StudyData, target, seed, n, names, strategy, 
 
 def adopted_reruns(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
     """start key -> the realization of its latest adopted rerun (ledger rows with ``rerun_of``)."""
-    out: dict[str, int] = {}
+    return {k: rs[-1] for k, rs in adopted_realizations(rows).items()}
+
+
+def adopted_realizations(rows: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    """start key -> the realizations of all its adopted reruns, in order (a start is adopted again when the rerun's
+    checkpoint is gone on the next machine too)."""
+    out: dict[str, set[int]] = {}
     for r in rows.values():
         if r.get("rerun_of"):
-            out[r["rerun_of"]] = max(out.get(r["rerun_of"], 0), int(r["realization"]))
-    return out
+            out.setdefault(r["rerun_of"], set()).add(int(r["realization"]))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def start_from(job: Job, start: Job) -> Job:
@@ -384,15 +390,23 @@ def adopt_reruns(jobs: list[Job], rows: dict[str, dict[str, Any]]) -> list[Job]:
     A strategy or recipe run moved to the rerun is compared with its arm as the grid runs it (same seed, budget and
     start): where the ledger has that run only from the original start, it is run again from the rerun too (a
     *partner*), as the report pairs two runs that started from a pretraining only when they started from the same one."""
-    adopted = adopted_reruns(rows)
+    adopted = adopted_realizations(rows)
     if not adopted:
         return jobs
     by_key = {j.key: j for j in jobs}
-    starts = {k: replace(by_key[k], realization=r) for k, r in adopted.items() if k in by_key}
-    moving = [j for j in jobs if j.needs in starts and j.key not in rows]
-    out = [start_from(j, starts[j.needs]) if j in moving else j for j in jobs]
-    out += partner_runs(jobs, moving, starts, set(rows))
-    return out + [s for s in starts.values() if s.key not in by_key]  # idempotent
+    starts = {k: replace(by_key[k], realization=rs[-1]) for k, rs in adopted.items() if k in by_key}
+    # a start adopted more than once (a new machine each time): the ledger's runs from its earlier reruns keep those
+    # starts (they are done, and the report pairs them), and do not move to the latest
+    earlier = {k: [replace(by_key[k], realization=r) for r in rs[:-1]] for k, rs in adopted.items() if k in by_key}
+    kept = {j.key: [v for e in earlier.get(j.needs or "", []) if (v := start_from(j, e)).key in rows] for j in jobs}
+    done = set(rows) | {k for k, v in kept.items() if v}
+    moving = [j for j in jobs if j.needs in starts and j.key not in done]
+    out = [start_from(j, starts[j.needs]) if j in moving else j for j in jobs if j.key in rows or not kept[j.key]]
+    out += [v for vs in kept.values() for v in vs]
+    out += partner_runs(jobs, moving, starts, done)
+    out += [s for s in (*starts.values(), *(e for es in earlier.values() for e in es)) if s.key not in by_key]
+    seen: set[str] = set()
+    return [j for j in out if not (j.key in seen or seen.add(j.key))]  # once each (jobs may hold some already)
 
 
 def partner_runs(jobs: list[Job], moving: list[Job], starts: dict[str, Job], done: set[str]) -> list[Job]:
