@@ -79,6 +79,33 @@ def test_the_study_reports_keep_start_from_the_pretraining_val_evaluation():
     assert kept_start(row, {"evals": {"test": pre["evals"]["test"]}}, job) == []  # an older line without val: no arm
     scratch = Job("finetune", "d", "t", "scratch", 0, "/x", {}, {}, n_labels=1)
     assert kept_start(row, pre, scratch) == []
+    row["train_metrics"]["best_val_iou"] = 0.7
+    recipe = Job("finetune", "d", "t", "end_to_end", 0, "/x", {}, {}, n_labels=1, needs="pre", recipe="strong_aug")
+    got = kept_start(row, pre, recipe)  # a recipe's fine-tune has its own keep_start arm: the shipped default with it
+    assert got[0]["arm"] == "end_to_end_kept+strong_aug" and got[0]["start_kept"]
+    assert kept_start(row, pre, Job("finetune", "d", "t", "end_to_end", 0, "/x", {}, {}, n_labels=1, needs="pre",
+                                    strategy="uncertain")) == []
+
+
+def test_the_report_compares_a_recipe_with_the_plain_fine_tune_both_under_keep_start():
+    import numpy as np
+    from medsass.trainer.study.report import Index, kept_recipe_block
+
+    def run(arm, seed, tp, start="pre"):
+        return {"dataset": "d", "eval": "test", "target": "t", "arm": arm, "n_labels": 1, "steps_factor": 1,
+                "seed": seed, "start": start, "ids": ["a", "b"], "counts": np.array([[tp, 10 - tp, 0], [5, 0, 5]])}
+
+    key = lambda arm, t, n: ("d", "test", t, arm, n, 1)  # noqa: E731
+    kept_equal = [run("end_to_end", s, 6) for s in (0, 1)] + [run("end_to_end+strong_aug", s, 7) for s in (0, 1)]
+    plain_kept = [run("end_to_end_kept", s, 6) for s in (0, 1)]
+    recipe_kept = [run("end_to_end_kept+strong_aug", s, 7) for s in (0, 1)]
+    # keep_start kept the start nowhere: the kept arms are the plain ones and the block would repeat the table above
+    assert kept_recipe_block("strong_aug", "t", [1], Index(kept_equal + plain_kept + recipe_kept), key, "t", 50) == []
+    recipe_kept = [run("end_to_end_kept+strong_aug", s, 9) for s in (0, 1)]  # the start (tp 9) kept under the recipe
+    [block] = kept_recipe_block("strong_aug", "t", [1], Index(kept_equal + plain_kept + recipe_kept), key, "t", 50)
+    assert block[2] == ("| labels | end-to-end, keep_start | end-to-end, keep_start + strong_aug | end-to-end, keep_start "
+                        "+ strong_aug − end-to-end, keep_start |")
+    assert block[4].startswith("| 1 | 0.550 ± 0.000 (2) | 0.700 ± 0.000 (2) | +0.150")
 
 
 def test_keep_start_is_the_default_and_applies_only_to_a_fine_tune_from_a_whole_pretrained_model(tmp_path, store):

@@ -56,11 +56,12 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
 
 
 def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> list[dict[str, Any]]:
-    """The ``end_to_end_kept`` arm of an end-to-end fine-tune: what ``finetune.keep_start`` would have scored. The
+    """The ``end_to_end_kept`` arm of an end-to-end fine-tune (``end_to_end_kept+RECIPE`` of a recipe's): what
+    ``finetune.keep_start`` would have scored. The
     start (the pretrained model) is the first best.pt candidate, so it is kept when its val IoU (the pretraining row's
     val evaluation) is at least the fine-tune's best; the fine-tune's trajectory is the same either way
     (tests/trainer/test_keep_start.py), so this is the run with keep_start, without running it again."""
-    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.recipe or job.steps_factor != 1
+    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.steps_factor != 1
             or pre is None or "val" not in pre.get("evals", {}) or "best_val_iou" not in row.get("train_metrics", {})):
         return []
     start_wins = micro_iou(np.array(pre["evals"]["val"]["counts"])) >= row["train_metrics"]["best_val_iou"]
@@ -70,7 +71,8 @@ def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> lis
         chosen = src["evals"].get(where)
         if chosen is None or chosen["ids"] != ev["ids"]:
             return []
-        out.append({"eval": where, "ids": ev["ids"], "arm": "end_to_end_kept", "counts": np.array(chosen["counts"]),
+        out.append({"eval": where, "ids": ev["ids"], "arm": recipe_arm("end_to_end_kept", job.recipe),
+                    "counts": np.array(chosen["counts"]),
                     "start_kept": start_wins})
     return out
 
@@ -275,7 +277,28 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
                     cells += [fmt_diff(idx.diff(key(*a, n), key(*b, n), reps)) for a, b in pairs]
                     block.append(f"| {n} | " + " | ".join(cells) + " |")
                 blocks.append(block)
+                if arm == "end_to_end":
+                    blocks += kept_recipe_block(r.name, t, ns, idx, key, main, reps)
     return join_blocks(blocks)
+
+
+def kept_recipe_block(recipe: str, t: str, ns: list[int], idx: Index, key, main: str, reps: int) -> list[list[str]]:
+    """The recipe against the plain fine-tune, both with ``finetune.keep_start`` (the shipped default): shown where
+    keep_start kept the start in some seed of either, so that it differs from the table above."""
+    plain, var = "end_to_end_kept", recipe_arm("end_to_end_kept", recipe)
+    unkept = {plain: "end_to_end", var: recipe_arm("end_to_end", recipe)}
+    differs = any(not np.array_equal(c, idx.counts.get(key(unkept[a], t, n), {}).get(s))
+                  for a in (plain, var) for n in ns for s, c in idx.counts.get(key(a, t, n), {}).items())
+    if not differs or not any(idx.counts.get(key(var, t, n)) for n in ns):
+        return []
+    cols = [(plain, t), (var, t)]
+    block = [f"`{recipe}` with keep_start (the pretrained model is kept where fine-tuning does not beat it on val):", "",
+             "| labels | " + " | ".join(arm_label(*c, main) for c in cols) + f" | {arm_label(var, t, main)} − "
+             f"{arm_label(plain, t, main)} |", "|---:|---:|---:|---:|"]
+    for n in ns:
+        block.append(f"| {n} | {fmt(idx.arm(key(plain, t, n), reps))} | {fmt(idx.arm(key(var, t, n), reps))} | "
+                     f"{fmt_diff(idx.diff(key(var, t, n), key(plain, t, n), reps))} |")
+    return [block]
 
 
 def error_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[str]], where: str) -> list[str]:
@@ -326,13 +349,16 @@ def kept_section(d: StudyData, runs: list[dict[str, Any]]) -> list[str]:
     """Per target and budget: in how many seeds ``finetune.keep_start`` would keep the pretrained (start) model."""
     tally: dict[tuple[str, int], list[bool]] = defaultdict(list)
     for r in runs:
-        if r["dataset"] == d.name and r["arm"] == "end_to_end_kept" and r["eval"] == "test":
-            tally[(r["target"], r["n_labels"])].append(r["start_kept"])
+        base, _, recipe = r["arm"].partition("+")
+        if r["dataset"] == d.name and base == "end_to_end_kept" and r["eval"] == "test":
+            tally[(r["target"], recipe, r["n_labels"])].append(r["start_kept"])
     lines = []
     for t in d.stores:
-        cells = [f"{n} labels {sum(v)} of {len(v)}" for (tt, n), v in sorted(tally.items()) if tt == t]
-        if cells:
-            lines.append(f"- {arm_label('end_to_end', t, d.main_target)}: " + ", ".join(cells) + " seeds")
+        for recipe in sorted({rc for tt, rc, _ in tally if tt == t}):
+            cells = [f"{n} labels {sum(v)} of {len(v)}" for (tt, rc, n), v in sorted(tally.items())
+                     if tt == t and rc == recipe]
+            label = arm_label(recipe_arm("end_to_end", recipe or None), t, d.main_target)
+            lines.append(f"- {label}: " + ", ".join(cells) + " fine-tunes")
     return lines
 
 
