@@ -184,3 +184,32 @@ def test_pinning_the_thresholding_in_prep_overrides_keeps_the_job_keys(tmp_path)
     assert len(before) == 3 and keys(["threshold.polarity=auto"]) == before  # pretrain, scratch, end-to-end
     assert set(keys(["geometry.resize=pad"])).isdisjoint(before)
     assert set(keys(["threshold.intensity=minmax"])).isdisjoint(before)  # changes the stored images: new keys
+
+
+def test_a_run_of_some_datasets_reports_every_dataset_whose_stores_are_built(tmp_path):
+    """A study run in parts (``--datasets A``, later ``--datasets B``) keeps one table.md with every dataset: the
+    report of a part is not cut down to the part's datasets."""
+    stores = {n: make_synthetic_store(tmp_path / f"{n}.zarr", n=24, size=32, seed=k) for k, n in enumerate(("a", "b"))}
+    data = {"name": "parts", "out_dir": str(tmp_path / "out"), "results_dir": str(tmp_path / "results"), "seeds": [0],
+            "budgets": ["1"], "arms": ["scratch"], "jobs": 1, "bootstrap": 100,
+            "datasets": [{"name": n, "store": str(p), "targets": ["store"]} for n, p in stores.items()],
+            "train": tiny_study_train()}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    for part in ("a", "b"):
+        res = CliRunner().invoke(main, ["study", str(path), "--datasets", part])
+        assert res.exit_code == 0 and "1 to run" in res.output, res.output
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "## a" in table and "## b" in table
+    assert len(ledger.read_ledger(tmp_path / "results")) == 2
+
+
+def test_a_store_not_built_yet_is_left_out_of_a_report_instead_of_built(tmp_path, monkeypatch):
+    from medsass.trainer.study import stores as study_stores
+    from medsass.trainer.study.spec import StoreSpec
+
+    monkeypatch.setattr(study_stores, "build", lambda cfg: pytest.fail("a report must not build a store"))
+    monkeypatch.setattr(study_stores, "load_dataset_file", lambda path, overrides: type("C", (), {"params_digest": lambda s: "x"})())
+    study = type("S", (), {"prep": type("P", (), {"size": 32, "salt": "", "workers": 1, "overrides": []})(),
+                           "out_dir": str(tmp_path)})()
+    assert study_stores.build_store(study, StoreSpec("x", dataset="x.yaml"), "otsu", build_missing=False) is None

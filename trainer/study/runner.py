@@ -26,15 +26,18 @@ class StudyOutcome:
     failed: dict[str, str]
 
 
-def prepare(study: Study, datasets: Sequence[str] = (), log=print) -> list[StudyData]:
-    """Build (or find) every store of the chosen datasets."""
+def prepare(study: Study, datasets: Sequence[str] = (), log=print, build_missing: bool = True) -> list[StudyData]:
+    """Build (or find) every store of the chosen datasets; with ``build_missing`` false, only the datasets whose stores
+    are all built already."""
     out = []
     for spec in study.datasets:
         if datasets and spec.name not in datasets:
             continue
-        stores = dataset_stores(study, spec, log)
+        stores = dataset_stores(study, spec, log, build_missing)
+        sites = {s.name: site_store(study, s, spec.targets[0], log, build_missing) for s in spec.sites}
+        if stores is None or any(v is None for v in sites.values()):
+            continue
         main = next(iter(stores.values()))
-        sites = {s.name: site_store(study, s, spec.targets[0], log) for s in spec.sites}
         digests = {**{t: data_digest(p) for t, p in stores.items()}, **{f"site:{k}": data_digest(p) for k, p in sites.items()},
                    "images": data_digest(main, pseudo=False),
                    **{f"images:site:{k}": data_digest(p, pseudo=False) for k, p in sites.items()}}
@@ -80,6 +83,10 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
                               keep_final=study.keep_final, adopt=adopt, grid=jobs, log=log)
         _history(study, overrides, ran, failed, time.time() - t0)
         jobs = adopt_reruns(jobs, ledger.read_ledger(study.results_dir))  # with any rerun this call adopted
+    if datasets:  # the report covers every dataset whose stores are built, not only the ones this call ran
+        quiet = lambda *_: None  # noqa: E731
+        data = prepare(study, (), quiet, build_missing=False)
+        jobs = adopt_reruns(make_jobs(study, train, data), ledger.read_ledger(study.results_dir))
     write_report(study, data, jobs, log=log)
     return StudyOutcome(chosen, ran, failed)
 

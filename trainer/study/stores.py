@@ -19,22 +19,26 @@ from medsass.errors import MedsassError
 from medsass.manifest import manifest_digest, read_json, read_manifest, write_json
 
 
-def dataset_stores(study: Study, spec: DatasetSpec, log=print) -> dict[str, str]:
-    """target -> store path for one dataset (identical rows, sample ids and splits checked)."""
+def dataset_stores(study: Study, spec: DatasetSpec, log=print, build_missing: bool = True) -> dict[str, str] | None:
+    """target -> store path for one dataset (identical rows, sample ids and splits checked); None where a store is not
+    built yet and ``build_missing`` is false."""
     if spec.store is not None:
         return {"store": spec.store}
-    stores = {m: build_store(study, spec, m, log) for m in spec.targets}
+    stores = {m: build_store(study, spec, m, log, build_missing) for m in spec.targets}
+    if any(v is None for v in stores.values()):
+        return None
     check_same_records(stores)
     return stores
 
 
-def site_store(study: Study, site: StoreSpec, method: str, log=print) -> str:
+def site_store(study: Study, site: StoreSpec, method: str, log=print, build_missing: bool = True) -> str | None:
     """A cross-site store (built with the dataset's main method, so its floor is comparable)."""
-    return site.store if site.store is not None else build_store(study, site, method, log)
+    return site.store if site.store is not None else build_store(study, site, method, log, build_missing)
 
 
-def build_store(study: Study, spec: StoreSpec, target: str, log=print) -> str:
-    """The store of one target (``METHOD`` or ``METHOD@POLARITY``) built from a dataset file, reused once built."""
+def build_store(study: Study, spec: StoreSpec, target: str, log=print, build_missing: bool = True) -> str | None:
+    """The store of one target (``METHOD`` or ``METHOD@POLARITY``) built from a dataset file, reused once built (None
+    where it is not built, or not with these settings, and ``build_missing`` is false)."""
     p = study.prep
     out = Path(study.out_dir) / "stores" / f"{spec.name}__{target}__{p.size}.zarr"
     marker = out.with_suffix(".built.json")
@@ -48,6 +52,8 @@ def build_store(study: Study, spec: StoreSpec, target: str, log=print) -> str:
         done = read_json(marker)
         if done.get("params_digest") == cfg.params_digest() and done.get("manifest_digest") == manifest_digest(out):
             return str(out)
+    if not build_missing:
+        return None
     t0 = time.time()
     result = build(cfg)
     if result.counts.get("ok", 0) == 0:
