@@ -23,7 +23,7 @@ def dataset_stores(study: Study, spec: DatasetSpec, log=print, build_missing: bo
     """target -> store path for one dataset (identical rows, sample ids and splits checked); None where a store is not
     built yet and ``build_missing`` is false."""
     if spec.store is not None:
-        return {"store": spec.store}
+        return {"store": spec.store} if build_missing or Path(spec.store).exists() else None
     stores = {m: build_store(study, spec, m, log, build_missing) for m in spec.targets}
     if any(v is None for v in stores.values()):
         return None
@@ -33,7 +33,9 @@ def dataset_stores(study: Study, spec: DatasetSpec, log=print, build_missing: bo
 
 def site_store(study: Study, site: StoreSpec, method: str, log=print, build_missing: bool = True) -> str | None:
     """A cross-site store (built with the dataset's main method, so its floor is comparable)."""
-    return site.store if site.store is not None else build_store(study, site, method, log, build_missing)
+    if site.store is not None:
+        return site.store if build_missing or Path(site.store).exists() else None
+    return build_store(study, site, method, log, build_missing)
 
 
 def build_store(study: Study, spec: StoreSpec, target: str, log=print, build_missing: bool = True) -> str | None:
