@@ -219,3 +219,23 @@ def test_a_store_not_built_yet_is_left_out_of_a_report_instead_of_built(tmp_path
     study = type("S", (), {"prep": type("P", (), {"size": 32, "salt": "", "workers": 1, "overrides": []})(),
                            "out_dir": str(tmp_path)})()
     assert study_stores.build_store(study, StoreSpec("x", dataset="x.yaml"), "otsu", build_missing=False) is None
+
+
+def test_the_gap_line_says_there_is_no_gap_where_scratch_is_within_the_tolerance_of_the_all_labels_model():
+    from medsass.trainer.study.jobs import StudyData
+    from medsass.trainer.study.report import Index, gap_closed
+
+    def run(arm, n, seed, tp):  # micro IoU = tp / 1000 on two images
+        return {"dataset": "d", "eval": "test", "target": "t", "arm": arm, "n_labels": n, "steps_factor": 1,
+                "seed": seed, "ids": ["a", "b"], "counts": np.array([[tp, 1000 - tp, 0], [0, 0, 0]])}
+
+    d = StudyData("d", {"t": "/s"}, {}, {}, n_labeled_train=100)
+    runs = ([run("scratch", 100, s, 800) for s in (0, 1)] + [run("scratch", 1, s, 600) for s in (0, 1)]
+            + [run("end_to_end", 1, s, 700) for s in (0, 1)]
+            + [run("scratch", 10, s, 795) for s in (0, 1)] + [run("end_to_end", 10, s, 820) for s in (0, 1)])
+    one, ten = gap_closed(d, Index(runs), {1: ["1"], 10: ["10"], 100: ["100%"]}, reps=20, min_gap=0.01)
+    assert one == ("- 1 labels: scratch 0.600, end-to-end 0.700, all 100 labels 0.800 (2 seeds): end-to-end closes 50% "
+                   "of the gap")
+    # scratch at 10 labels is 0.005 below the all-labels model: 0.015 / 0.005 would read as 500% of a gap that is noise
+    assert ten.endswith("no gap to close (scratch is within 0.01 of the all-labels model)")
+    assert gap_closed(d, Index(runs[2:]), {1: ["1"], 100: ["100%"]}, reps=20) == []  # no all-labels run: no lines
