@@ -87,7 +87,8 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
         quiet = lambda *_: None  # noqa: E731
         data = prepare(study, (), quiet, build_missing=False)
         jobs = adopt_reruns(make_jobs(study, train, data), ledger.read_ledger(study.results_dir))
-    write_report(study, data, jobs, log=log)
+    built = {d.name for d in data}
+    write_report(study, data, jobs, log=log, left_out=[s.name for s in study.datasets if s.name not in built])
     return StudyOutcome(chosen, ran, failed)
 
 
