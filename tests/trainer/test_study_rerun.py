@@ -227,9 +227,9 @@ def test_a_start_adopted_twice_keeps_the_runs_done_from_its_first_rerun(tmp_path
 
 
 def test_pairs_take_the_runs_with_the_same_start():
-    def run(arm, seed, start, value, rerun=False):
+    def run(arm, seed, start, value, rerun=False, base=None):
         return {"dataset": "d", "eval": "test", "target": "t", "arm": arm, "n_labels": 5, "steps_factor": 1, "seed": seed,
-                "start": start, "from_rerun": rerun, "ids": ["a", "b"],
+                "start": start, "start_base": "P" if rerun else (base or start), "from_rerun": rerun, "ids": ["a", "b"],
                 "counts": np.array([[value, 10 - value, 0], [value, 10 - value, 0]])}
 
     key = lambda arm: ("d", "test", "t", arm, 5, 1)  # noqa: E731
@@ -246,6 +246,11 @@ def test_pairs_take_the_runs_with_the_same_start():
     # without the partners, seeds 1-2 have no same-start pair
     lone = Index([r for r in runs if not (r["arm"] == "end_to_end" and r["start"] == "R")])
     assert lone.diff(key("strategy:uncertain"), key("end_to_end"), reps=50).n_seeds == 1
+    # arms that start from different pretrainings (SimCLR's, end-to-end's) pair by seed, from the original start or
+    # a rerun of either: the seed fixes their labels, init and batch order, and no start is theirs to share
+    ssl = [run("ssl", s, "S", 3) for s in (0, 1)] + [run("ssl", 2, "S2", 3, base="S")]
+    d = Index(runs + ssl).diff(key("end_to_end"), key("ssl"), reps=50)
+    assert d is not None and d.n_seeds == 3 and d.mean == pytest.approx(0.6 - 0.3)
 
 
 def test_adopting_a_rerun_in_one_call_runs_the_moved_strategy_and_its_partner(tmp_path):

@@ -10,6 +10,7 @@ import csv
 import io
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
     """One entry per (run, evaluation): pretrain rows give a floor and a zero-shot entry; SSL rows none."""
     out = []
     reruns = {j.key for j in jobs if j.realization}
+    base_of = {j.key: replace(j, realization=0).key for j in jobs if j.realization}  # a rerun -> the run it reruns
     for job in jobs:
         row = rows.get(job.key)
         if row is None or "evals" not in row:
@@ -38,7 +40,7 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
         common = {"dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
                   "budgets": job.budgets, "steps_factor": job.steps_factor, "key": job.key, "seconds": row["seconds"],
                   "labeled_ids": row.get("labeled_ids", []), "start": job.needs,
-                  "from_rerun": job.needs in reruns}
+                  "start_base": base_of.get(job.needs, job.needs), "from_rerun": job.needs in reruns}
         if job.realization:  # an adopted rerun: its runs are reported, its zero-shot scores stay the original's
             continue
         for where, ev in row["evals"].items():
@@ -106,6 +108,7 @@ class Index:
     def __init__(self, runs: list[dict[str, Any]]):
         self.counts: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
         self.starts: dict[tuple, dict[int, str | None]] = defaultdict(dict)  # the run each one started from
+        self.start_bases: dict[tuple, dict[int, str | None]] = defaultdict(dict)  # ... or the run that one reruns
         self.by_start: dict[tuple, dict[int, dict[str | None, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
         self.ids: dict[tuple, tuple] = {}
         for r in runs:
@@ -114,6 +117,7 @@ class Index:
             if seed not in self.counts[k] or not r.get("from_rerun"):
                 self.counts[k][seed] = r["counts"]
                 self.starts[k][seed] = r.get("start")
+                self.start_bases[k][seed] = r.get("start_base", r.get("start"))
             self.ids[(r["dataset"], r["eval"])] = tuple(r["ids"])
 
     def arm(self, key: tuple, reps: int) -> Estimate | None:
@@ -128,11 +132,13 @@ class Index:
         return paired_difference(np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs]), reps=reps)
 
     def pair(self, a: tuple, b: tuple, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The seed's runs of ``a`` and ``b`` that started from the same pretraining; None where there are none (a run
-        from an adopted rerun and one from the original: the pair would count the starts' difference as the arms').
-        Scratch pairs with either."""
+        """The seed's runs of ``a`` and ``b``. Where both started from the same pretraining but one from an adopted
+        rerun of it, the runs that share a start; None where there are none (a run from the rerun and one from the
+        original: the pair would count the starts' difference as the arms'). Scratch pairs with either, and so do two
+        arms that start from different pretrainings (SimCLR and end-to-end, or two pseudo-mask targets): their seed
+        shares the labels, the init and the batch order, not a start."""
         x, y = self.starts[a][seed], self.starts[b][seed]
-        if x is None or y is None or x == y:
+        if x is None or y is None or x == y or self.start_bases[a][seed] != self.start_bases[b][seed]:
             return self.counts[a][seed], self.counts[b][seed]
         ra, rb = self.by_start[a][seed], self.by_start[b][seed]
         common = [s for s in (x, y, *sorted(set(ra) - {None})) if s in ra and s in rb]
