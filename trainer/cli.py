@@ -39,7 +39,7 @@ def _load(config: str, overrides: Sequence[str]):
 
 def _run(config: str, overrides: Sequence[str], stages: Sequence[str] | None, restart: bool, allow_changed_store: bool) -> None:
     try:
-        from medsass.trainer.distributed import teardown
+        from medsass.trainer.distributed import leave, teardown
         from medsass.trainer.run import run_stages
 
         cfg = _load(config, overrides)
@@ -49,8 +49,15 @@ def _run(config: str, overrides: Sequence[str], stages: Sequence[str] | None, re
             teardown()
     except (MedsassError, FloatingPointError) as exc:
         raise _fail(exc) from None
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
-        return
+    except SystemExit as exc:  # pre-empted: exit code 75 asks the batch job for a requeue, so it must survive the exit
+        leave(exc.code if isinstance(exc.code, int) else 1)
+        raise
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        _report_run(results)
+    leave(0)  # under torchrun: exit without interpreter finalization (distributed.leave says why)
+
+
+def _report_run(results) -> None:
     for name, res in results.items():
         click.echo(f"{name}: {res.status} ({res.dir})", err=True)
     if "evaluate" in results and results["evaluate"].metrics:
@@ -333,7 +340,7 @@ def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed:
 def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, name: str | None) -> None:
     """Self-training: re-label the train (and val) pool with the pretrained model, pretrain again, N rounds."""
     try:
-        from medsass.trainer.distributed import teardown
+        from medsass.trainer.distributed import leave, teardown
         from medsass.trainer.selftrain import run_selftrain
 
         try:
@@ -342,8 +349,12 @@ def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, n
             teardown()
     except (MedsassError, FloatingPointError) as exc:
         raise _fail(exc) from None
-    if os.environ.get("RANK", "0") != "0":
-        return
+    if os.environ.get("RANK", "0") == "0":
+        _report_selftrain(result)
+    leave(0)  # under torchrun: exit without interpreter finalization (distributed.leave says why)
+
+
+def _report_selftrain(result) -> None:
     for rnd in result["rounds"]:
         parts = []
         for store, res in rnd["stores"].items():

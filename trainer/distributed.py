@@ -66,6 +66,28 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def leave(code: int = 0) -> None:
+    """End a torchrun process (world size > 1) at once, after flushing stdio and logging; return where there is none.
+
+    After a DDP run torch keeps the process group, and the gloo/nccl worker threads with it, alive past
+    ``destroy_process_group``. A worker thread that is still releasing the last collective's tensors when the
+    interpreter finalizes needs the GIL, cannot get it, and aborts the process: SIGABRT, "terminate called without an
+    active exception", after every file was written (pytorch/pytorch#179291 tried an atexit fix and was abandoned).
+    torchrun then reports a finished job as failed. Leaving without finalization skips that race."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, out: str, store: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from medsass.trainer.data import ShardStream, Source, make_loader, select_rows
-    from medsass.trainer.distributed import all_gather_objects, setup, teardown
+    from medsass.trainer.distributed import all_gather_objects, leave, setup, teardown
     from medsass.trainer.run import run_stages
 
     cfg = _config(out, store, ["pretrain", "evaluate"])
@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, port: int, out: str, store: str) -> None:
     if rank == 0:
         with open(os.path.join(out, "ddp_summary.json"), "w") as fh:
             json.dump({"seen": everyone, "metrics": metrics, "world": info.world_size, "files": wrote[1]}, fh)
+    leave(0)  # as the CLI ends a torchrun process: without it, 1 run in ~10 aborted at exit on a busy 2-core machine
 
 
 def _free_port() -> int:
@@ -78,3 +79,17 @@ def test_two_process_gloo_run(tmp_path):
     # The same checkpoint scored by one process gives the same numbers.
     single = _config(tmp_path / "single", store, ["evaluate"], checkpoint=str(out / "pretrain" / "final.pt"))
     assert run_stages(single)["evaluate"].metrics["test"] == metrics["test"]
+
+
+def test_leave_ends_a_torchrun_process_with_its_code_and_flushed_output_and_is_a_no_op_alone():
+    import subprocess
+    import sys
+
+    from medsass.trainer.distributed import leave
+
+    code = ("import sys; from medsass.trainer.distributed import leave; print('written', end=''); "
+            "sys.stderr.write('and logged'); leave(75); print(' not reached')")
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert (res.returncode, res.stdout, res.stderr) == (75, "written", "and logged")
+    assert os.environ.get("WORLD_SIZE", "1") == "1" and leave(3) is None  # one process: nothing to leave

@@ -125,7 +125,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, store: str) -> None
     from pathlib import Path
 
     from medsass.trainer import loop
-    from medsass.trainer.distributed import teardown
+    from medsass.trainer.distributed import leave, teardown
 
     root_p = Path(root)
     run_stages(tiny(root_p / "ref", store, steps=STEPS // 3), ["pretrain"])  # uninterrupted, two processes
@@ -148,6 +148,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, store: str) -> None
     (root_p / f"outcome{rank}.json").write_text(json.dumps(outcome))
     run_stages(tiny(root_p / "run", store, steps=STEPS // 3), ["pretrain"])  # the re-run resumes
     teardown()
+    leave(0)  # as the CLI ends a torchrun process (distributed.leave)
 
 
 def test_ddp_ranks_agree_on_the_stop_step_and_resume(tmp_path, store):
