@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,18 @@ def test_study_end_to_end_and_resume(tmp_path):
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
     assert (tmp_path / "results" / "synth.png").stat().st_size > 1000
+    # arms that start from different pretrainings (end-to-end's, SimCLR's) pair by seed: their column has values
+    lines = table.splitlines()
+    head = lines.index(next(x for x in lines if x.startswith("| labels | end-to-end − scratch")))
+    cells = dict(zip(lines[head].split(" | "), lines[head + 2].split(" | ")))
+    assert lines[head + 2].startswith("| 1 | ") and cells["end-to-end − SimCLR encoder"] != "—", lines[head + 2]
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "studies" / "pairs.py"
+    out = subprocess.run([sys.executable, str(script), str(path), "--dataset", "synth", "--a", "end_to_end", "--b", "ssl",
+                          "--labels", "1", "--eval", "test,site:other"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert [x.split(" = ")[0] for x in out.stdout.splitlines()] == ["test 1 labels: end_to_end − ssl",
+                                                                   "site:other 1 labels: end_to_end − ssl"]
+    assert all("(1 seed; seed 0 " in x for x in out.stdout.splitlines())
     with (tmp_path / "results" / "results.csv").open() as fh:
         csv_rows = list(csv.DictReader(fh))
     assert {r["arm"] for r in csv_rows} >= {"floor", "zero_shot", "scratch", "end_to_end", "encoder_only", "ssl"}
