@@ -254,3 +254,9 @@ def test_the_gap_line_says_there_is_no_gap_where_scratch_is_within_the_tolerance
     # scratch at 10 labels is 0.005 below the all-labels model: 0.015 / 0.005 would read as 500% of a gap that is noise
     assert ten.endswith("no gap to close (scratch is within 0.01 of the all-labels model)")
     assert gap_closed(d, Index(runs[2:]), {1: ["1"], 100: ["100%"]}, reps=20) == []  # no all-labels run: no lines
+    # against the all-labels model fine-tuned 2x as long (the convergence check's run), where there is one
+    longer = runs + [{**run("scratch", 100, 0, 900), "steps_factor": 2}]
+    assert gap_closed(d, Index(longer), {1: ["1"], 100: ["100%"]}, reps=20, factor=2) == [
+        "- 1 labels: scratch 0.600, end-to-end 0.700, all 100 labels, 2x steps 0.900 (1 seed): end-to-end closes 33% of "
+        "the gap"]
+    assert gap_closed(d, Index(runs), {1: ["1"], 100: ["100%"]}, reps=20, factor=2) == []
