@@ -5,7 +5,9 @@ and never touches ``torch.distributed``. Backend: nccl on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,9 +78,6 @@ def leave(code: int = 0) -> None:
     torchrun then reports a finished job as failed. Leaving without finalization skips that race."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    import logging
-    import sys
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

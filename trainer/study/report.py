@@ -381,9 +381,8 @@ def gap_closed(d: StudyData, idx: Index, budgets: dict[int, list[str]], reps: in
     top = idx.arm(key, reps)
     if top is None:
         return []
-    n_top = len(idx.counts[key])
     steps = f", {factor}x steps" if factor != 1 else ""
-    ref = f"all {full} labels{steps} {top.mean:.3f} ({n_top} seed{'s' if n_top > 1 else ''})"
+    ref = f"all {full} labels{steps} {top.mean:.3f} ({top.n_seeds} seed{'s' if top.n_seeds > 1 else ''})"
     lines = []
     for t in d.stores:
         label = arm_label("end_to_end", t, d.main_target)
