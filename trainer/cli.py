@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 import click
@@ -31,6 +32,23 @@ def _fail(exc: BaseException) -> UsageError:
     return UsageError(str(exc).strip() or type(exc).__name__)
 
 
+def _leave_on_error(exc: BaseException) -> BaseException:
+    """Under torchrun (world size > 1): report ``exc`` as the command would (a usage error's message and exit code,
+    else the traceback and 1) and leave without interpreter finalization, which can abort a process that ran
+    collectives (:func:`medsass.trainer.distributed.leave`), so torchrun sees the command's exit code and not a
+    SIGABRT. Alone: return ``exc`` for the caller to raise."""
+    from medsass.trainer.distributed import leave
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return exc
+    if isinstance(exc, click.ClickException):
+        exc.show()
+        leave(exc.exit_code)
+    traceback.print_exception(exc)
+    leave(1)
+    return exc  # not reached
+
+
 def _load(config: str, overrides: Sequence[str]):
     from medsass.trainer.config import load_config
 
@@ -48,9 +66,12 @@ def _run(config: str, overrides: Sequence[str], stages: Sequence[str] | None, re
         finally:
             teardown()
     except (MedsassError, FloatingPointError) as exc:
-        raise _fail(exc) from None
+        raise _leave_on_error(_fail(exc)) from None
     except SystemExit as exc:  # pre-empted: exit code 75 asks the batch job for a requeue, so it must survive the exit
         leave(exc.code if isinstance(exc.code, int) else 1)
+        raise
+    except Exception as exc:
+        _leave_on_error(exc)
         raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         _report_run(results)
@@ -348,7 +369,13 @@ def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, n
         finally:
             teardown()
     except (MedsassError, FloatingPointError) as exc:
-        raise _fail(exc) from None
+        raise _leave_on_error(_fail(exc)) from None
+    except SystemExit as exc:
+        leave(exc.code if isinstance(exc.code, int) else 1)
+        raise
+    except Exception as exc:
+        _leave_on_error(exc)
+        raise
     if os.environ.get("RANK", "0") == "0":
         _report_selftrain(result)
     leave(0)  # under torchrun: exit without interpreter finalization (distributed.leave says why)

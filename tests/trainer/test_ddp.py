@@ -93,3 +93,36 @@ def test_leave_ends_a_torchrun_process_with_its_code_and_flushed_output_and_is_a
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert (res.returncode, res.stdout, res.stderr) == (75, "written", "and logged")
     assert os.environ.get("WORLD_SIZE", "1") == "1" and leave(3) is None  # one process: nothing to leave
+
+
+def test_a_failed_command_under_torchrun_reports_its_error_and_leaves_with_its_exit_code(tmp_path, store):
+    """Under torchrun a failed ``run`` prints its error (a usage error's one line, else the traceback) and leaves with
+    the command's exit code without interpreter finalization (no atexit handler runs), as a finished one does; alone
+    it exits as before."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from medsass.testing import tiny_train_config
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_train_config(tmp_path / "out", {"syn": store})))
+    code = ("import atexit, sys; atexit.register(lambda: print('finalized'))\n"
+            "import medsass.trainer.run as r\n"
+            "def boom(*a, **k): raise RuntimeError('boom')\n"
+            "if sys.argv[1] == 'crash': r.run_stages = boom\n"
+            "from medsass.trainer.cli import main; main(['run', sys.argv[2], *sys.argv[3:]])")
+
+    def cli(world: str, how: str, *extra: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WORLD_SIZE": world, "RANK": "0"}
+        return subprocess.run([sys.executable, "-c", code, how, str(cfg), *extra], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    usage = cli("2", "usage", "--set", "pretrain.stpes=3")
+    assert usage.returncode == 2 and "Error: " in usage.stderr and "pretrain.stpes" in usage.stderr, usage
+    assert "finalized" not in usage.stdout and "Traceback" not in usage.stderr
+    crash = cli("2", "crash")
+    assert crash.returncode == 1 and "RuntimeError: boom" in crash.stderr and "finalized" not in crash.stdout, crash
+    alone = cli("1", "crash")
+    assert alone.returncode == 1 and "RuntimeError: boom" in alone.stderr and "finalized" in alone.stdout, alone
