@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import click
 
@@ -37,9 +38,9 @@ def _leave_on_error(exc: BaseException) -> BaseException:
     else the traceback and 1) and leave without interpreter finalization, which can abort a process that ran
     collectives (:func:`medsass.trainer.distributed.leave`), so torchrun sees the command's exit code and not a
     SIGABRT. Alone: return ``exc`` for the caller to raise."""
-    from medsass.trainer.distributed import leave
+    from medsass.trainer.distributed import in_torchrun, leave
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not in_torchrun():
         return exc
     if isinstance(exc, click.ClickException):
         exc.show()
@@ -49,6 +50,25 @@ def _leave_on_error(exc: BaseException) -> BaseException:
     return exc  # not reached
 
 
+@contextmanager
+def _training_command():
+    """Around a training command's work: a config or data error becomes a one-line usage error (exit 2); a pre-empt's
+    SystemExit (exit code 75 asks the batch job for a requeue) keeps its code; under torchrun every one of these, and
+    any other exception, leaves without interpreter finalization (:func:`_leave_on_error`)."""
+    from medsass.trainer.distributed import leave
+
+    try:
+        yield
+    except (MedsassError, FloatingPointError) as exc:
+        raise _leave_on_error(_fail(exc)) from None
+    except SystemExit as exc:
+        leave(exc.code if isinstance(exc.code, int) else 1)
+        raise
+    except Exception as exc:
+        _leave_on_error(exc)
+        raise
+
+
 def _load(config: str, overrides: Sequence[str]):
     from medsass.trainer.config import load_config
 
@@ -56,7 +76,7 @@ def _load(config: str, overrides: Sequence[str]):
 
 
 def _run(config: str, overrides: Sequence[str], stages: Sequence[str] | None, restart: bool, allow_changed_store: bool) -> None:
-    try:
+    with _training_command():
         from medsass.trainer.distributed import leave, teardown
         from medsass.trainer.run import run_stages
 
@@ -65,14 +85,6 @@ def _run(config: str, overrides: Sequence[str], stages: Sequence[str] | None, re
             results = run_stages(cfg, stages, restart=restart, allow_changed_store=allow_changed_store)
         finally:
             teardown()
-    except (MedsassError, FloatingPointError) as exc:
-        raise _leave_on_error(_fail(exc)) from None
-    except SystemExit as exc:  # pre-empted: exit code 75 asks the batch job for a requeue, so it must survive the exit
-        leave(exc.code if isinstance(exc.code, int) else 1)
-        raise
-    except Exception as exc:
-        _leave_on_error(exc)
-        raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         _report_run(results)
     leave(0)  # under torchrun: exit without interpreter finalization (distributed.leave says why)
@@ -360,7 +372,7 @@ def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed:
 @click.option("--name", default=None, help="Round r writes pseudo_labels/<NAME>_r<r> [selftrain.name].")
 def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, name: str | None) -> None:
     """Self-training: re-label the train (and val) pool with the pretrained model, pretrain again, N rounds."""
-    try:
+    with _training_command():
         from medsass.trainer.distributed import leave, teardown
         from medsass.trainer.selftrain import run_selftrain
 
@@ -368,14 +380,6 @@ def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, n
             result = run_selftrain(_load(config, overrides), rounds=rounds, name=name)
         finally:
             teardown()
-    except (MedsassError, FloatingPointError) as exc:
-        raise _leave_on_error(_fail(exc)) from None
-    except SystemExit as exc:
-        leave(exc.code if isinstance(exc.code, int) else 1)
-        raise
-    except Exception as exc:
-        _leave_on_error(exc)
-        raise
     if os.environ.get("RANK", "0") == "0":
         _report_selftrain(result)
     leave(0)  # under torchrun: exit without interpreter finalization (distributed.leave says why)

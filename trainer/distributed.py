@@ -68,6 +68,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def in_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (world size > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def leave(code: int = 0) -> None:
     """End a torchrun process (world size > 1) at once, after flushing stdio and logging; return where there is none.
 
@@ -76,7 +81,7 @@ def leave(code: int = 0) -> None:
     interpreter finalizes needs the GIL, cannot get it, and aborts the process: SIGABRT, "terminate called without an
     active exception", after every file was written (pytorch/pytorch#179291 tried an atexit fix and was abandoned).
     torchrun then reports a finished job as failed. Leaving without finalization skips that race."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not in_torchrun():
         return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
