@@ -122,6 +122,7 @@ def test_study_end_to_end_and_resume(tmp_path):
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text
     assert (tmp_path / "results" / "synth.png").stat().st_size > 1000
+    assert (tmp_path / "results" / "synth_strategies.png").stat().st_size > 1000 and "synth_strategies.png" in table
     # arms that start from different pretrainings (end-to-end's, SimCLR's) pair by seed: their column has values
     lines = table.splitlines()
     head = lines.index(next(x for x in lines if x.startswith("| labels | end-to-end − scratch")))

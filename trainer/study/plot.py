@@ -1,13 +1,16 @@
 """One figure per dataset: test IoU against labeled images (log x), one line per arm with its 95% interval; the
 pseudo-mask floor and the zero-shot models (also the init weights' pretraining) as dashed lines, the study's recipes
-dash-dotted with hollow markers; a second panel per cross-site evaluation."""
+dash-dotted with hollow markers; a second panel per cross-site evaluation. And one figure per dataset for the
+``suggest`` strategies: each one's paired difference from random picks."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medsass.atomic import atomic_open
-from medsass.trainer.study.spec import arm_label, recipe_arm
+from medsass.trainer.study.jobs import strategy_targets
+from medsass.trainer.study.spec import arm_label, budget_count, recipe_arm
+from medsass.trainer.study.stats import MIN_SEEDS_BOLD
 
 if TYPE_CHECKING:
     from medsass.trainer.study.jobs import StudyData
@@ -79,6 +82,60 @@ def plot_dataset(study: Study, d: StudyData, idx: Index, budgets: dict[int, list
         fig.set_size_inches(6.5 * len(wheres), 4.5 + 0.22 * rows)
         fig.legend(list(named.values()), list(named), loc="lower center", ncol=3, fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.22 * rows / (4.5 + 0.22 * rows) + 0.01, 1, 1))
+        with atomic_open(path) as fh:
+            fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+STRATEGY_STYLE = {"diverse": ("tab:blue", "D"), "uncertain": ("tab:red", "s"), "hybrid": ("tab:purple", "^"),
+                  "random": ("tab:gray", "o")}  # random: suggest's own random order, against the arm's random subset
+
+
+def plot_strategies(study: Study, d: StudyData, idx: Index, path: Path) -> bool:
+    """Which images to label: each ``suggest`` strategy's end-to-end model minus the arm's random subset (paired by
+    seed, same start; 95% interval), against labeled images (log x); one panel per evaluation. Hollow markers: fewer
+    than three seeds (the interval leaves out training randomness). False where there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = study.strategies
+    if not st or (st.datasets and d.name not in st.datasets):
+        return False
+    ns = sorted({budget_count(b, d.n_labeled_train) for b in st.budgets})
+    wheres = ["test"] + [f"site:{s}" for s in d.sites]
+    fig, axes = plt.subplots(1, len(wheres), figsize=(6.5 * len(wheres), 4.2), squeeze=False)
+    drawn = False
+    for ax, where in zip(axes[0], wheres):
+        for t_i, target in enumerate(strategy_targets(st, d)):
+            for s_i, name in enumerate(st.names):
+                key = lambda arm, n: (d.name, where, target, arm, n, 1)  # noqa: E731
+                pts = [(n, idx.diff(key(f"strategy:{name}", n), key("end_to_end", n), study.bootstrap)) for n in ns]
+                pts = [(n * 1.06 ** (s_i - (len(st.names) - 1) / 2), e) for n, e in pts if e is not None]
+                if not pts:
+                    continue
+                color, marker = STRATEGY_STYLE.get(name, ("tab:green", "v"))
+                label = name if target == d.main_target else f"{name} ({target})"
+                xs, means = [x for x, _ in pts], [e.mean for _, e in pts]
+                ax.plot(xs, means, "-" if t_i == 0 else ":", color=color, label=label)  # a second target: dotted
+                for x, e in pts:
+                    ax.errorbar([x], [e.mean], yerr=[[e.mean - e.lo], [e.hi - e.mean]], color=color, marker=marker,
+                                capsize=3, markerfacecolor=color if e.n_seeds >= MIN_SEEDS_BOLD else "none")
+                drawn = True
+        ax.axhline(0.0, color="black", lw=1)
+        ax.set_xscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("labeled training images (picked by the strategy)")
+        ax.set_ylabel("micro IoU: strategy − random picks")
+        ax.set_title(f"{d.name}: {'test split' if where == 'test' else where[5:] + ' (another site)'}")
+        ax.grid(alpha=0.3)
+    if drawn:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         with atomic_open(path) as fh:
             fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, StudyData, strategy_targets
-from medsass.trainer.study.plot import plot_dataset
+from medsass.trainer.study.plot import plot_dataset, plot_strategies
 from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, recipe_arm
-from medsass.trainer.study.stats import Estimate, estimate, micro_iou, paired_difference
+from medsass.trainer.study.stats import MIN_SEEDS_BOLD, Estimate, estimate, micro_iou, paired_difference
 from medsass.trainer.study.stores import prep_seconds
 
 from medsass.atomic import atomic_write_bytes
@@ -160,9 +160,6 @@ def fmt(e: Estimate | None, signed: bool = False) -> str:
         return "—"
     sd = "" if np.isnan(e.sd) else f" ± {e.sd:.3f}"
     return f"{e.mean:+.3f}{sd}" if signed else f"{e.mean:.3f}{sd} ({e.n_seeds})"
-
-
-MIN_SEEDS_BOLD = 3  # with fewer seeds the interval leaves out training randomness: shown, never bold
 
 
 def fmt_diff(e: Estimate | None) -> str:
@@ -516,6 +513,9 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
         png = out / f"{d.name}.png"
         if plot_dataset(study, d, idx, budgets, png):
             md += [f"![{d.name}]({png.name})", ""]
+        png = out / f"{d.name}_strategies.png"
+        if plot_strategies(study, d, idx, png):
+            md += [f"![{d.name}: which images to label, strategy − random picks]({png.name})", ""]
     problems = pairing_problems(runs)
     md += ["## Pairing check", "", *(f"- {p}" for p in problems)] if problems else \
           ["## Pairing check", "", "Every arm of a (dataset, seed, labels) used the same labeled images; every run of a "

@@ -14,7 +14,9 @@ import numpy as np
 
 from medsass.metrics import micro_iou
 
-__all__ = ["Estimate", "estimate", "micro_iou", "paired_difference"]
+__all__ = ["MIN_SEEDS_BOLD", "Estimate", "estimate", "micro_iou", "paired_difference"]
+
+MIN_SEEDS_BOLD = 3  # with fewer seeds the interval leaves out training randomness: shown, never bold (nor filled)
 
 
 
