@@ -17,7 +17,7 @@ from medsass.trainer.cli import main
 from medsass.trainer.study import ledger
 from medsass.trainer.study.execute import lost_starts, reproduces
 from medsass.trainer.study.jobs import Job, adopt_reruns, select
-from medsass.trainer.study.report import Index
+from medsass.trainer.study.report import Index, runs_from_ledger
 
 from medsass.testing import make_synthetic_store, tiny_study_train
 
@@ -278,3 +278,70 @@ def test_adopting_a_rerun_in_one_call_runs_the_moved_strategy_and_its_partner(tm
     assert "Random picks run again from an adopted rerun" in table and "2 labels, seed 0: " in table
     res = CliRunner().invoke(main, ["study", str(path), "--adopt-reruns", "--dry-run"])
     assert "todo " not in res.output, res.output  # the moved run and its partner are both done
+
+
+def _pre_row(base: str | None, realization: int, counts: list[list[int]]) -> dict:
+    ev = {"ids": ["a", "b"], "counts": counts, "floor_counts": []}
+    row = {"kind": "pretrain", "evals": {"test": ev, "val": ev}}
+    return {**row, "rerun_of": base, "realization": realization} if base else row
+
+
+def test_a_rerun_that_reproduces_an_earlier_realization_is_its_twin():
+    """Training is deterministic per CPU type: a machine of the type that made an earlier realization makes it again."""
+    a, b, c = [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]], [[9, 2, 3], [4, 5, 7]]
+    rows = {"P": _pre_row(None, 0, a), "R1": _pre_row("P", 1, b), "R2": _pre_row("P", 2, a), "R3": _pre_row("P", 3, b),
+            "R4": _pre_row("P", 4, c), "Q": {"kind": "pretrain"}, "S1": {"kind": "pretrain", "rerun_of": "Q",
+                                                                         "realization": 1}}
+    rows["R5"] = {**rows["R3"], "realization": 5}  # the twin of a twin: the earliest one
+    assert ledger.same_realizations(rows) == {"R2": "P", "R3": "R1", "R5": "R1"}  # rows without figures match nothing
+    ssl = {"kind": "ssl", "ssl": {"loss_last": 0.5}}
+    rows = {"S": ssl, "T1": {**ssl, "rerun_of": "S", "realization": 1}, "T2": {"kind": "ssl", "ssl": {"loss_last": 0.6},
+                                                                            "rerun_of": "S", "realization": 2}}
+    assert ledger.same_realizations(rows) == {"T1": "S"}
+
+
+def test_a_variant_moved_to_a_twin_rerun_needs_no_partner_and_pairs_with_the_twins_run(tmp_path):
+    """Start P adopted as rerun 1 (another CPU type), then as rerun 2, which reproduced rerun 1 exactly: the moved
+    strategy run pairs with the random picks done from rerun 1, so no partner is run; a rerun that reproduced the
+    original pairs with the original's runs. A partner already run stays in the plan."""
+    def job(name, needs=None, **kw):
+        out = str(tmp_path / name)
+        return Job("finetune" if needs else "pretrain", "d", "t", "end_to_end" if needs else "pretrain", 0, out,
+                   {"out_dir": out}, {"name": name, "source": needs.key if needs else None},
+                   needs=needs.key if needs else None, budgets=kw.pop("budgets", ["5"]), **kw)
+
+    pre = job("p")
+    e5, u5, h5 = job("e5", pre), job("u5", pre, strategy="uncertain"), job("h5", pre, strategy="hybrid")
+    jobs = [pre, e5, u5, h5]
+    r1, r2 = replace(pre, realization=1), replace(pre, realization=2)
+    a, b = [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]]
+    rows = {pre.key: _pre_row(None, 0, a), e5.key: {}, r1.key: _pre_row(pre.key, 1, b)}
+    first = adopt_reruns(jobs, rows)
+    u5_r1 = next(j for j in first if j.strategy == "uncertain")
+    e5_r1 = next(j for j in first if j.partner_of)
+    rows |= {u5_r1.key: {}, e5_r1.key: {}}  # the first machine ran uncertain and its partner from rerun 1
+    rows[r2.key] = _pre_row(pre.key, 2, b)  # the next machine, of rerun 1's type: the same checkpoint
+    out = adopt_reruns(jobs, rows)
+    todo = [j for j in out if j.key not in rows and j.kind == "finetune"]
+    assert [(j.strategy, j.needs) for j in todo] == [("hybrid", r2.key)]  # no partner: e5 from rerun 1 is its twin's
+    assert e5_r1.key in {j.key for j in out}
+    # the report pairs hybrid (from rerun 2) with e5 from rerun 1: one start
+    rows[todo[0].key] = {}
+    scored = {"test": {"ids": ["a", "b"], "counts": [[6, 4, 0], [6, 4, 0]], "floor_counts": []}}
+    runs_rows = {k: {"evals": scored, **v, "seconds": {}} for k, v in rows.items()}
+    runs = runs_from_ledger(runs_rows, out)
+    starts = {(r["arm"], r["key"]): r["start"] for r in runs if r["arm"] != "zero_shot"}
+    assert starts[("strategy:hybrid", todo[0].key)] == starts[("end_to_end", e5_r1.key)] == r1.key
+    n = todo[0].n_labels
+    pair = Index(runs).pair(("d", "test", "t", "strategy:hybrid", n, 1), ("d", "test", "t", "end_to_end", n, 1), 0)
+    assert pair is not None
+    # a rerun that reproduced the original: no partner either (the original's run is the pair)
+    rows2 = {pre.key: _pre_row(None, 0, a), e5.key: {}, r1.key: _pre_row(pre.key, 1, a)}
+    out2 = adopt_reruns(jobs, rows2)
+    assert sorted((j.strategy or "random", j.needs) for j in out2 if j.key not in rows2 and j.kind == "finetune") == [
+        ("hybrid", r1.key), ("uncertain", r1.key)]
+    # without the twin (rerun 2 made on a third CPU type), the partner is run again from rerun 2
+    rows[r2.key] = _pre_row(pre.key, 2, [[7, 2, 3], [4, 5, 7]])
+    del rows[todo[0].key]
+    again = [j for j in adopt_reruns(jobs, rows) if j.key not in rows and j.kind == "finetune"]
+    assert sorted(j.strategy or "random" for j in again) == ["hybrid", "random"]

@@ -14,7 +14,6 @@ it: later calls fail those dependents at once instead of starting them from it.
 from __future__ import annotations
 
 import csv
-import math
 import multiprocessing as mp
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -26,7 +25,8 @@ import medsass
 from medsass.trainer.config import load_config
 from medsass.trainer.run import plan_run, run_stages
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import Job, adopted_reruns, partner_runs, start_from
+from medsass.trainer.study.jobs import Job, adopted_reruns, partner_runs, start_from, twin_realizations
+from medsass.trainer.study.ledger import reproduces, same_realizations
 from medsass.trainer.study.spec import SSLSpec
 from medsass.trainer.suggest import suggest
 
@@ -177,21 +177,6 @@ def unreproduced_starts(jobs: list[Job], done: set[str] | dict[str, Any]) -> dic
     return out
 
 
-def reproduces(row: dict[str, Any], old: dict[str, Any]) -> str | None:
-    """None when a rerun's row matches the ledger's, else what differs (zero-shot counts; SimCLR's final loss)."""
-    if row["kind"] == "ssl":
-        new_loss, old_loss = row["ssl"]["loss_last"], old.get("ssl", {}).get("loss_last")
-        if old_loss is None or not math.isclose(new_loss, old_loss, rel_tol=1e-6, abs_tol=1e-9):
-            return f"final SimCLR loss {new_loss:.6g}, the ledger's {old_loss}"
-        return None
-    for split, ev in old.get("evals", {}).items():
-        new = row.get("evals", {}).get(split)
-        if new is None or new["ids"] != ev["ids"] or new["counts"] != ev["counts"]:
-            got = "missing" if new is None else f"{micro_iou(new['counts']):.4f}"
-            return f"zero-shot IoU on {split} {got}, the ledger's {micro_iou(ev['counts']):.4f}"
-    return None
-
-
 def _worker(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> tuple[dict[str, Any] | None, str | None]:
     """Pool entry point: never raises, so one failed run does not stop the study."""
     try:
@@ -236,11 +221,15 @@ def execute(jobs: list[Job], results_dir: str, *, ssl_spec: SSLSpec, n_parallel:
         unreproduced_marker(job).unlink(missing_ok=True)
         moving = [j for j in pending if j.needs == job.key]
         pending[:] = [start_from(j, new) if j.needs == job.key else j for j in pending]
-        partners = [p for p in partner_runs(grid or jobs, moving, {job.key: new}, done) if p.key not in done]
+        twins = twin_realizations(rows)
+        partners = [p for p in partner_runs(grid or jobs, moving, {job.key: new}, done, twins) if p.key not in done]
         pending.extend(partners)
         todo.extend(partners)
+        twin = twins.get(new.key)
         log(f"[{n}/{len(todo)}] {time.time() - t0:6.0f} s  {job.label}: the rerun does not reproduce its ledger row "
             f"({diff}); adopted as rerun {realization}: the runs to do start from it (new keys), the ledger's keep theirs"
+            + ("" if twin is None else f"; it reproduces {'the original' if twin == 0 else f'rerun {twin}'} (same CPU "
+               "type), whose runs pair with its runs")
             + (f"; {len(partners)} of those run again from it, to pair with the runs moved to it" if partners else ""))
 
     def finish(job: Job, row: dict[str, Any] | None, err: str | None) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from medsass.trainer import weights
 from medsass.trainer.config import FinetuneConfig
+from medsass.trainer.study.ledger import same_realizations
 from medsass.trainer.study.spec import (PSEUDO_ARMS, WEIGHT_ARMS, RecipeSpec, Study, budget_count, parse_budget,
                                         recipe_train)
 
@@ -352,6 +353,12 @@ def adopted_reruns(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
     return {k: rs[-1] for k, rs in adopted_realizations(rows).items()}
 
 
+def twin_realizations(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Adopted rerun's key -> the realization it reproduced in every compared figure (0: the original;
+    :func:`ledger.same_realizations`): the runs done from that one are runs from this one."""
+    return {k: int(rows[t].get("realization", 0)) for k, t in same_realizations(rows).items()}
+
+
 def adopted_realizations(rows: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
     """start key -> the realizations of all its adopted reruns, in order (a start is adopted again when the rerun's
     checkpoint is gone on the next machine too)."""
@@ -403,18 +410,28 @@ def adopt_reruns(jobs: list[Job], rows: dict[str, dict[str, Any]]) -> list[Job]:
     moving = [j for j in jobs if j.needs in starts and j.key not in done]
     out = [start_from(j, starts[j.needs]) if j in moving else j for j in jobs if j.key in rows or not kept[j.key]]
     out += [v for vs in kept.values() for v in vs]
-    out += partner_runs(jobs, moving, starts, done)
+    out += partner_runs(jobs, moving, starts, done, twin_realizations(rows))
     out += [s for s in (*starts.values(), *(e for es in earlier.values() for e in es)) if s.key not in by_key]
     seen: set[str] = set()
     return [j for j in out if not (j.key in seen or seen.add(j.key))]  # once each (jobs may hold some already)
 
 
-def partner_runs(jobs: list[Job], moving: list[Job], starts: dict[str, Job], done: set[str]) -> list[Job]:
+def partner_runs(jobs: list[Job], moving: list[Job], starts: dict[str, Job], done: set[str],
+                 twins: dict[str, int] | None = None) -> list[Job]:
     """The ledger runs (keys in ``done``) of the grid's arms that a strategy or recipe run in ``moving`` (runs to do,
     before they move to the rerun ``starts[needs]``) is compared with: same start, seed, arm and budget; each again
-    from the rerun, with ``partner_of`` naming the moved runs it pairs with."""
+    from the rerun, with ``partner_of`` naming the moved runs it pairs with. ``twins``: rerun key -> the realization
+    it reproduced (0: the original; :func:`twin_realizations`); a run done from that one is its partner already."""
+    twins = twins or {}
+
+    def has_twin(j: Job) -> bool:  # and its partner is not run already (a run in the ledger stays in the plan)
+        start = starts[j.needs]
+        r = twins.get(start.key)
+        return (r is not None and start_from(j, start).key not in done
+                and (r == 0 or start_from(j, replace(start, realization=r)).key in done))
+
     def variants(j: Job) -> tuple[str, ...]:
-        if j.kind != "finetune" or j.key not in done or j.needs not in starts or j.strategy or j.recipe:
+        if j.kind != "finetune" or j.key not in done or j.needs not in starts or j.strategy or j.recipe or has_twin(j):
             return ()
         return tuple(start_from(m, starts[m.needs]).key for m in moving
                      if m.needs == j.needs and m.seed == j.seed and m.arm == j.arm and m.steps_factor == j.steps_factor

@@ -33,13 +33,14 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
     out = []
     reruns = {j.key for j in jobs if j.realization}
     base_of = {j.key: replace(j, realization=0).key for j in jobs if j.realization}  # a rerun -> the run it reruns
+    twin = ledger.same_realizations(rows)  # a rerun -> the earlier realization it reproduced: one start, for pairing
     for job in jobs:
         row = rows.get(job.key)
         if row is None or "evals" not in row:
             continue
         common = {"dataset": job.dataset, "target": job.target, "seed": job.seed, "n_labels": job.n_labels,
                   "budgets": job.budgets, "steps_factor": job.steps_factor, "key": job.key, "seconds": row["seconds"],
-                  "labeled_ids": row.get("labeled_ids", []), "start": job.needs,
+                  "labeled_ids": row.get("labeled_ids", []), "start": twin.get(job.needs, job.needs),
                   "start_base": base_of.get(job.needs, job.needs), "from_rerun": job.needs in reruns}
         if job.realization:  # an adopted rerun: its runs are reported, its zero-shot scores stay the original's
             continue
