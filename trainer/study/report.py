@@ -527,8 +527,12 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
                "reproduced; the runs done after them started from the rerun (`--adopt-reruns`), with the arm a strategy "
                "or recipe run is compared with run again from it where the ledger had it from the original. A paired "
                "difference between two arms that both started from a pretraining pairs the runs of a seed that "
-               "started from the same one; the tables show the original start's.", ""]
-        md += [f"- {j.label}: {rows[j.key].get('differs', '')}; started from it: "
-               f"{sum(1 for k in jobs if k.needs == j.key and k.key in rows)} runs" for j in adopted]
+               "started from the same one; the tables show the original start's. A rerun that reproduced an earlier "
+               "realization in every compared figure (made on that one's CPU type) is its *twin*: their runs pair as "
+               "runs from one start, and no partner is run again.", ""]
+        twins = {k: rows[t].get("realization", 0) for k, t in ledger.same_realizations(rows).items()}
+        md += [f"- {j.label}: {rows[j.key].get('differs', '')}"
+               + ("" if j.key not in twins else f"; the twin of {'the original' if twins[j.key] == 0 else f'rerun {twins[j.key]}'}")
+               + f"; started from it: {sum(1 for k in jobs if k.needs == j.key and k.key in rows)} runs" for j in adopted]
     atomic_write_bytes(out / "table.md", ("\n".join(md) + "\n").encode())
     log(f"report: {out / 'table.md'} ({len(runs)} evaluations from {len(rows)} ledger lines)")
