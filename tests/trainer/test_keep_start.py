@@ -83,8 +83,9 @@ def test_the_study_reports_keep_start_from_the_pretraining_val_evaluation():
     recipe = Job("finetune", "d", "t", "end_to_end", 0, "/x", {}, {}, n_labels=1, needs="pre", recipe="strong_aug")
     got = kept_start(row, pre, recipe)  # a recipe's fine-tune has its own keep_start arm: the shipped default with it
     assert got[0]["arm"] == "end_to_end_kept+strong_aug" and got[0]["start_kept"]
-    assert kept_start(row, pre, Job("finetune", "d", "t", "end_to_end", 0, "/x", {}, {}, n_labels=1, needs="pre",
-                                    strategy="uncertain")) == []
+    picked = kept_start(row, pre, Job("finetune", "d", "t", "end_to_end", 0, "/x", {}, {}, n_labels=1, needs="pre",
+                                      strategy="uncertain"))  # suggest's picks too: is the pick worth it with keep_start?
+    assert picked[0]["arm"] == "strategy_kept:uncertain" and picked[0]["start_kept"]
 
 
 def test_the_report_compares_a_recipe_with_the_plain_fine_tune_both_under_keep_start():

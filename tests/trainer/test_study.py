@@ -117,7 +117,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert ssl_final["mode"] == "encoder_only" and ssl_final["model_args"]["encoder_name"] == TINY
     table = (tmp_path / "results" / "table.md").read_text()
     for text in ("## synth", "Paired differences", "Cross-site", "Convergence check", "Compute", "SimCLR encoder",
-                 "Which images to label", "hybrid − random", "Errors on the test split", "Errors on other", "end-to-end (store+sites)",
+                 "Which images to label", "hybrid − random", "The same with `finetune.keep_start`", "Errors on the test split", "Errors on other", "end-to-end (store+sites)",
                  "end-to-end (store+sites) − scratch", "### keep_start: fine-tunes that kept the pretrained model",
                  "Every arm of a (dataset, seed, labels) used the same labeled images"):
         assert text in table, text

@@ -60,12 +60,13 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
 
 
 def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> list[dict[str, Any]]:
-    """The ``end_to_end_kept`` arm of an end-to-end fine-tune (``end_to_end_kept+RECIPE`` of a recipe's): what
+    """The ``end_to_end_kept`` arm of an end-to-end fine-tune (``end_to_end_kept+RECIPE`` of a recipe's,
+    ``strategy_kept:NAME`` of a strategy's picks): what
     ``finetune.keep_start`` would have scored. The
     start (the pretrained model) is the first best.pt candidate, so it is kept when its val IoU (the pretraining row's
     val evaluation) is at least the fine-tune's best; the fine-tune's trajectory is the same either way
     (tests/trainer/test_keep_start.py), so this is the run with keep_start, without running it again."""
-    if (job.kind != "finetune" or job.arm != "end_to_end" or job.strategy or job.steps_factor != 1
+    if (job.kind != "finetune" or job.arm != "end_to_end" or job.steps_factor != 1
             or pre is None or "val" not in pre.get("evals", {}) or "best_val_iou" not in row.get("train_metrics", {})):
         return []
     start_wins = micro_iou(np.array(pre["evals"]["val"]["counts"])) >= row["train_metrics"]["best_val_iou"]
@@ -75,7 +76,8 @@ def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> lis
         chosen = src["evals"].get(where)
         if chosen is None or chosen["ids"] != ev["ids"]:
             return []
-        out.append({"eval": where, "ids": ev["ids"], "arm": recipe_arm("end_to_end_kept", job.recipe),
+        arm = f"strategy_kept:{job.strategy}" if job.strategy else recipe_arm("end_to_end_kept", job.recipe)
+        out.append({"eval": where, "ids": ev["ids"], "arm": arm,
                     "counts": np.array(chosen["counts"]),
                     "start_kept": start_wins})
     return out
@@ -231,17 +233,23 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
         return []
     ns = sorted({budget_count(b, d.n_labeled_train) for b in st.budgets})
     cols = [("end_to_end", "random (the arm's subset)")] + [(f"strategy:{s}", s) for s in st.names]
+    kept_cols = [("end_to_end_kept", "random")] + [(f"strategy_kept:{s}", s) for s in st.names]
     blocks = []
     for target in strategy_targets(st, d):
         key = lambda arm, n, t=target: (d.name, where, t, arm, n, 1)  # noqa: E731
         lines = [] if target == d.main_target else [f"{arm_label('end_to_end', target, d.main_target)}:", ""]
         lines += ["| labels | " + " | ".join(name for _, name in cols) + " | "
                   + " | ".join(f"{s} − random" for s in st.names) + " |", "|---:|" + "---:|" * (len(cols) + len(st.names))]
-        notes = []
+        notes, kept = [], []
         for n in ns:
             cells = [fmt(idx.arm(key(a, n), study.bootstrap)) for a, _ in cols]
             cells += [fmt_diff(idx.diff(key(f"strategy:{s}", n), key("end_to_end", n), study.bootstrap)) for s in st.names]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            cells = [fmt(idx.arm(key(a, n), study.bootstrap)) for a, _ in kept_cols]
+            cells += [fmt_diff(idx.diff(key(f"strategy_kept:{s}", n), key("end_to_end_kept", n), study.bootstrap))
+                      for s in st.names]
+            if any(c != "—" for c in cells[1:]):
+                kept.append(f"| {n} | " + " | ".join(cells) + " |")
             partners = {seed: c for s in st.names
                         for seed, c in idx.partners(key(f"strategy:{s}", n), key("end_to_end", n)).items()}
             shown = idx.counts.get(key("end_to_end", n), {})
@@ -250,6 +258,12 @@ def strategies_section(study: Study, d: StudyData, idx: Index, where: str) -> li
         if notes:
             lines += ["", "Random picks run again from an adopted rerun, the start of the strategy runs they pair with "
                       "(the random column shows the original start's): " + "; ".join(notes) + "."]
+        if kept:
+            lines += ["", "The same with `finetune.keep_start` (the default recipe: the pretrained model is kept where "
+                      "fine-tuning on the picks does not beat it on val):", "",
+                      "| labels | " + " | ".join(name for _, name in kept_cols) + " | "
+                      + " | ".join(f"{s} − random" for s in st.names) + " |",
+                      "|---:|" + "---:|" * (len(kept_cols) + len(st.names)), *kept]
         blocks.append(lines)
     return join_blocks(blocks)
 
@@ -442,7 +456,7 @@ def pairing_problems(runs: list[dict[str, Any]]) -> list[str]:
     tests: dict[tuple, set] = defaultdict(set)
     for r in runs:
         tests[(r["dataset"], r["eval"])].add(tuple(r["ids"]))
-        if r["n_labels"] and not r["arm"].startswith("strategy:"):  # suggest's picks differ by design
+        if r["n_labels"] and not r["arm"].startswith(("strategy:", "strategy_kept:")):  # suggest's picks differ
             labeled[(r["dataset"], r["seed"], r["n_labels"])].add(tuple(r["labeled_ids"]))
     return ([f"{k}: {len(v)} different test sets" for k, v in tests.items() if len(v) > 1]
             + [f"{k}: arms used {len(v)} different label subsets" for k, v in labeled.items() if len(v) > 1])
