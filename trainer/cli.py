@@ -333,7 +333,7 @@ def report_cmd(run_dir: str, out: str | None) -> None:
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="The store whose unlabeled train records are ranked.")
 @click.option("--n", "n", required=True, type=click.IntRange(min=1), help="How many images to pick.")
 @click.option("--strategy", default="random", show_default=True, type=click.Choice(["random", "diverse", "uncertain", "hybrid"]),
-              help="random (the default until the scale study shows another beats it); diverse: k-center greedy on the encoder's "
+              help="random (the default: in the scale study no strategy beat it under keep_start); diverse: k-center greedy on the encoder's "
                    "embeddings; uncertain: most disagreement between zero-shot prediction and pseudo-mask; hybrid: diverse among "
                    "the max(4N, 50) most uncertain.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the random order and the first k-center pick.")
