@@ -13,7 +13,8 @@ and the projected time of each pass for 10,000 records.
 
 Measured 2026-12-05 on the 2-core CPU machine while other jobs ran (load 3-5), 1 thread, batch 32, N=2000 at
 128 px, resnet18 + scSE: embedding pass 59 records/s (10,000: ~2.8 min), whole-U-Net pass 17 records/s
-(~9.7 min), k-center 50 of 2,000 in 0.023 s and 50 of 200,000 in 4.1 s; whole commands: random 1.7 s,
+(~9.7 min), k-center 50 of 2,000 in 0.023 s and 50 of 200,000 in 4.1 s (2026-12-06, `--n 64 --kcenter-n
+1000000`: 50 of 1,000,000 in 7.4 s beside two training runs); whole commands: random 1.7 s,
 diverse 31 s, hybrid 116 s. Unloaded, the same model ran 79 (encoder) / 24 (whole) images/s on one thread.
 Reading image + pseudo-mask from the store alone: ~1,170 records/s in one process.
 """
