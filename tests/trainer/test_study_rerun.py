@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -192,15 +193,19 @@ def test_a_variant_moved_to_a_rerun_brings_its_partner_in_a_folder_of_its_own(tm
     assert chosen == {moved.key, partner.key, rerun.key}
 
 
+def _job(tmp_path: Path, name: str, needs: Job | None = None, **kw) -> Job:
+    """A pretraining (no ``needs``) or an end-to-end fine-tune from ``needs``, in its own folder under tmp_path."""
+    out = str(tmp_path / name)
+    return Job("finetune" if needs else "pretrain", "d", "t", "end_to_end" if needs else "pretrain", 0, out,
+               {"out_dir": out}, {"name": name, "source": needs.key if needs else None},
+               needs=needs.key if needs else None, budgets=kw.pop("budgets", ["5"]), **kw)
+
+
 def test_a_start_adopted_twice_keeps_the_runs_done_from_its_first_rerun(tmp_path):
     """A start adopted again on a later machine (its first rerun's checkpoint was gone too): the runs done from the
     first rerun stay in the plan as done (the report pairs them) and are not moved to the second rerun and run again;
     only the runs still to do move, with their partner."""
-    def job(name, needs=None, **kw):
-        out = str(tmp_path / name)
-        return Job("finetune" if needs else "pretrain", "d", "t", "end_to_end" if needs else "pretrain", 0, out,
-                   {"out_dir": out}, {"name": name, "source": needs.key if needs else None},
-                   needs=needs.key if needs else None, budgets=kw.pop("budgets", ["5"]), **kw)
+    job = partial(_job, tmp_path)
 
     pre = job("p")
     base5, base10 = job("e5", pre), job("e10", pre, budgets=["10"])  # in the ledger from the original start
@@ -304,11 +309,7 @@ def test_a_variant_moved_to_a_twin_rerun_needs_no_partner_and_pairs_with_the_twi
     """Start P adopted as rerun 1 (another CPU type), then as rerun 2, which reproduced rerun 1 exactly: the moved
     strategy run pairs with the random picks done from rerun 1, so no partner is run; a rerun that reproduced the
     original pairs with the original's runs. A partner already run stays in the plan."""
-    def job(name, needs=None, **kw):
-        out = str(tmp_path / name)
-        return Job("finetune" if needs else "pretrain", "d", "t", "end_to_end" if needs else "pretrain", 0, out,
-                   {"out_dir": out}, {"name": name, "source": needs.key if needs else None},
-                   needs=needs.key if needs else None, budgets=kw.pop("budgets", ["5"]), **kw)
+    job = partial(_job, tmp_path)
 
     pre = job("p")
     e5, u5, h5 = job("e5", pre), job("u5", pre, strategy="uncertain"), job("h5", pre, strategy="hybrid")
