@@ -223,7 +223,7 @@ def test_encoder_only_pass_gives_the_same_normalised_embeddings(setup):
 def test_cli_default_is_random_and_errors_are_one_line(setup, tmp_path):
     store, run = setup
     help_text = CliRunner().invoke(main, ["suggest", "--help"]).output
-    assert "[default: random]" in help_text and "until the scale study" in " ".join(help_text.split())
+    assert "[default: random]" in help_text and "no strategy beat it" in " ".join(help_text.split())
     res = CliRunner().invoke(main, ["suggest", str(run), "--store", str(store), "--n", "3", "--out", str(tmp_path / "o"), "--no-progress"])
     assert res.exit_code == 0, res.output
     _, rows = read_picks(tmp_path / "o")
