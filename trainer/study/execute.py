@@ -26,7 +26,7 @@ from medsass.trainer.config import load_config
 from medsass.trainer.run import plan_run, run_stages
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, adopted_reruns, partner_runs, start_from, twin_realizations
-from medsass.trainer.study.ledger import reproduces, same_realizations
+from medsass.trainer.study.ledger import reproduces
 from medsass.trainer.study.spec import SSLSpec
 from medsass.trainer.suggest import suggest
 

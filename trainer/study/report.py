@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import Job, StudyData, strategy_targets
+from medsass.trainer.study.jobs import Job, StudyData, strategy_targets, twin_realizations
 from medsass.trainer.study.plot import plot_dataset, plot_strategies
 from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, recipe_arm
 from medsass.trainer.study.stats import MIN_SEEDS_BOLD, Estimate, estimate, micro_iou, paired_difference
@@ -114,6 +114,7 @@ class Index:
         self.start_bases: dict[tuple, dict[int, str | None]] = defaultdict(dict)  # ... or the run that one reruns
         self.by_start: dict[tuple, dict[int, dict[str | None, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
         self.ids: dict[tuple, tuple] = {}
+        self._diffs: dict[tuple, Estimate | None] = {}
         for r in runs:
             k, seed = (r["dataset"], r["eval"], r["target"], r["arm"], r["n_labels"], r["steps_factor"]), r["seed"]
             self.by_start[k][seed][r.get("start")] = r["counts"]
@@ -128,6 +129,12 @@ class Index:
         return estimate(np.stack([by_seed[s] for s in sorted(by_seed)]), reps=reps) if by_seed else None
 
     def diff(self, a: tuple, b: tuple, reps: int) -> Estimate | None:
+        """The paired difference a − b (seeded bootstrap: the same every call, so the tables and plots share it)."""
+        if (a, b, reps) not in self._diffs:
+            self._diffs[(a, b, reps)] = self._diff(a, b, reps)
+        return self._diffs[(a, b, reps)]
+
+    def _diff(self, a: tuple, b: tuple, reps: int) -> Estimate | None:
         pairs = [p for s in sorted(set(self.counts.get(a, {})) & set(self.counts.get(b, {})))
                  if (p := self.pair(a, b, s)) is not None]
         if not pairs:
@@ -544,7 +551,7 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
                "started from the same one; the tables show the original start's. A rerun that reproduced an earlier "
                "realization in every compared figure (made on that one's CPU type) is its *twin*: their runs pair as "
                "runs from one start, and no partner is run again.", ""]
-        twins = {k: rows[t].get("realization", 0) for k, t in ledger.same_realizations(rows).items()}
+        twins = twin_realizations(rows)
         md += [f"- {j.label}: {rows[j.key].get('differs', '')}"
                + ("" if j.key not in twins else f"; the twin of {'the original' if twins[j.key] == 0 else f'rerun {twins[j.key]}'}")
                + f"; started from it: {sum(1 for k in jobs if k.needs == j.key and k.key in rows)} runs" for j in adopted]
