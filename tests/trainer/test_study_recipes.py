@@ -2,6 +2,7 @@
 and reported next to it."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,57 @@ def test_recipe_arms_are_named_after_the_arm_and_the_recipe():
     assert arm_label("end_to_end+gentle", "otsu", "main") == "end-to-end (otsu) + gentle"
     assert arm_label("scratch+gentle", "otsu", "main") == "scratch + gentle"
     assert arm_label("end_to_end", "fov_otsu_hull+sites", "main") == "end-to-end (fov_otsu_hull+sites)"
+
+
+LONG = {"name": "long", "finetune": {"steps": 4}, "budgets": ["1"], "arms": ["scratch"]}
+CHECK = {"budgets": ["2"], "arms": ["scratch"], "factor": 2, "recipes": ["long"]}
+
+
+def test_a_recipe_s_longer_schedule_is_checked_for_convergence_and_shared_work_runs_once(tmp_path):
+    jobs = _jobs(tmp_path, arms=["scratch"], recipes=[LONG], convergence=CHECK, train={
+        "base": "cpu_small", "finetune": {"steps": 2}})
+    ft = {(j.recipe, j.n_labels, j.steps_factor, j.seed): j for j in jobs if j.kind == "finetune"}
+    # the recipe at the check's budget is 4 steps, as the grid's 2x run there (which writes warmup_steps: 0 and the
+    # recipe does not): the same work, run once in the grid run's folder and reported under both
+    assert (("long", 2, 1, 0)) not in ft
+    plain_x2 = ft[(None, 2, 2, 0)]
+    assert plain_x2.aliases == [("long", 1)] and plain_x2.dir.endswith("seed0/n002_x2")
+    long_x2 = ft[("long", 2, 2, 0)]
+    assert long_x2.config["finetune"]["steps"] == 8 and long_x2.dir.endswith("seed0/n002_x2_long")
+    assert ft[("long", 1, 1, 0)].config["finetune"]["steps"] == 4 and ("long", 1, 2, 0) not in ft
+    # a recipe whose schedule is not the grid's 2x one gets its own run at the check's budget
+    jobs = _jobs(tmp_path, arms=["scratch"], recipes=[{**LONG, "finetune": {"steps": 3}}], convergence=CHECK,
+                 train={"base": "cpu_small", "finetune": {"steps": 2}})
+    ft = {(j.recipe, j.n_labels, j.steps_factor, j.seed): j for j in jobs if j.kind == "finetune"}
+    assert ft[("long", 2, 1, 0)].config["finetune"]["steps"] == 3 and ft[("long", 2, 2, 0)].config["finetune"]["steps"] == 6
+    assert not any(j.aliases for j in jobs)
+
+
+def test_a_convergence_check_of_a_recipe_must_name_one_that_runs_a_checked_arm(tmp_path):
+    with pytest.raises(ConfigError, match="'lnog' is not one of the study's recipes"):
+        _jobs(tmp_path, arms=["scratch"], recipes=[LONG], convergence={**CHECK, "recipes": ["lnog"]})
+    with pytest.raises(ConfigError, match="none of the arms the check re-runs"):
+        _jobs(tmp_path, recipes=[{**LONG, "arms": ["end_to_end"]}], convergence=CHECK)
+
+
+def test_the_report_checks_the_recipe_s_schedule_from_runs_shared_with_the_grid(tmp_path):
+    store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
+    path = _write(tmp_path, seeds=[0], budgets=["1", "2"], arms=["scratch"], recipes=[LONG], convergence=CHECK,
+                  datasets=[{"name": "d", "store": str(store), "targets": ["store"]}], train={
+                      "base": "cpu_small", "model": {"encoder": TINY},
+                      "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
+                      "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
+                      "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False}})
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 0, res.output
+    rows = [r for r in ledger.read_ledger(tmp_path / "res").values() if r["kind"] == "finetune"]
+    assert len(rows) == 5  # scratch at 1 and 2, its 2x run at 2 (= long at 2), long at 1, long 2x at 2
+    table = (tmp_path / "res" / "table.md").read_text()
+    conv = table.split("### Convergence check")[1]
+    assert "| scratch | 2 |" in conv and "| scratch + long | 2 |" in conv
+    recipes = table.split("### Fine-tune recipes on the test split")[1].split("###")[0]
+    assert "| 2 |" in recipes and "| 1 |" in recipes  # long at the check's budget (from the grid's 2x run) too
+    with open(tmp_path / "res" / "results.csv") as f:
+        test = {(r["arm"], r["n_labels"], r["steps_factor"]): r["iou"] for r in csv.DictReader(f) if r["eval"] == "test"}
+    assert test[("scratch+long", "2", "1")] == test[("scratch", "2", "2")]  # one run, reported as both
+    assert ("scratch+long", "2", "2") in test and ("scratch+long", "1", "1") in test

@@ -88,6 +88,9 @@ class Job:
     init_weights: str | dict[str, str] | None = None  # the study's init_weights as in the key (a file: its sha256)
     realization: int = 0  # > 0: an adopted rerun of a pretraining that did not reproduce its ledger row (adopt_reruns)
     partner_of: tuple[str, ...] = ()  # the runs moved to an adopted rerun that this run, run again from it, pairs with
+    # (recipe, steps_factor) under which the same work is also reported: a run of the grid that another part of the
+    # study asks for too (e.g. a recipe of 2x the steps, and the convergence check's 2x-steps run), run once
+    aliases: list[tuple[str | None, int]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -260,10 +263,18 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                 r_counts: dict[int, list[str]] = defaultdict(list)
                 for b in r.budgets:
                     r_counts[budget_count(b, d.n_labeled_train)].append(b)
-                for n, names in sorted(r_counts.items()):
-                    for target, arm in _recipe_plan(study, d, r, pre, ssl_job):
-                        jobs.append(_finetune_job(study, train, d, target, arm, seed, n, names, 1, pre, ssl_job, runs,
-                                                  data_id, d_i, w, recipe=r))
+                plan = [(t, a, n, names, 1) for n, names in sorted(r_counts.items())
+                        for t, a in _recipe_plan(study, d, r, pre, ssl_job)]
+                if conv and r.name in conv.recipes:  # the recipe's schedule checked: its run and factor x its steps
+                    c_counts: dict[int, list[str]] = defaultdict(list)
+                    for b in conv.budgets:
+                        c_counts[budget_count(b, d.n_labeled_train)].append(b)
+                    plan += [(t, a, n, names, f) for n, names in sorted(c_counts.items()) for f in (1, conv.factor)
+                             for t, a in _recipe_plan(study, d, r, pre, ssl_job)
+                             if a in conv.arms and t == d.main_target and (f > 1 or n not in r_counts)]
+                for target, arm, n, names, factor in plan:
+                    jobs.append(_finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs,
+                                              data_id, d_i, w, recipe=r))
     return _dedupe(jobs)
 
 
@@ -309,7 +320,7 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
     fc.update(init=ARM_INIT.get(arm, arm), label_count=n, label_fraction=None, subset_seed=None,
               pretrained=None if source is None else str(Path(source.dir) / "pretrain" / "final.pt"))
     if factor > 1:  # the same schedule, stretched: factor x the steps (and warm-up)
-        fc["steps"] = _get_steps(train) * factor
+        fc["steps"] = _get_steps(recipe_train(train, recipe) if recipe else train) * factor
         fc["warmup_steps"] = int(fc.get("warmup_steps", 0)) * factor
     cfg["evaluate"]["checkpoint"] = "best"
     ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=arm in (*PSEUDO_ARMS, "weights_end_to_end")),
@@ -444,18 +455,35 @@ def _get_steps(train: dict[str, Any]) -> int:
     return int(train.get("finetune", {}).get("steps", FinetuneConfig().steps))
 
 
+def _work(job: Job) -> str:
+    """What a job computes: its key, with the fine-tune keys at their defaults written out, so that a key left to its
+    default and the same key written (``warmup_steps: 0``) are the same work. The first job of a work keeps its key."""
+    ident = job.identity
+    if job.kind == "finetune":
+        ident = {**ident, "finetune": configio.to_dict(configio.from_dict(FinetuneConfig, ident.get("finetune", {})))}
+    ident = {**ident, "realization": job.realization} if job.realization else ident
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _dedupe(jobs: list[Job]) -> list[Job]:
-    """Jobs that are the same work (e.g. a budget of "100%" and "50" on a small set) run once, with both budgets."""
+    """Jobs that are the same work run once: e.g. a budget of "100%" and "50" on a small set (with both budgets), or
+    a recipe of 2x the fine-tune steps and the convergence check's 2x-steps run (in the first one's folder, reported
+    under both: ``aliases``)."""
     unique: dict[str, Job] = {}
     for j in jobs:
-        if j.key in unique:
-            u = unique[j.key]
-            if u.dir != j.dir:
+        work = _work(j)
+        if work in unique:
+            u = unique[work]
+            label = (j.recipe, j.steps_factor)
+            if label != (u.recipe, u.steps_factor):
+                if label not in u.aliases:
+                    u.aliases.append(label)
+            elif u.dir != j.dir:
                 raise MedsassError(f"one run would be written to two folders: {u.dir} and {j.dir}")
             u.budgets = sorted(set(u.budgets) | set(j.budgets), key=_budget_order)
             u.priority = min(u.priority, j.priority)
         else:
-            unique[j.key] = j
+            unique[work] = j
     dirs: dict[str, str] = {}
     for j in unique.values():
         if dirs.setdefault(j.dir, j.key) != j.key:

@@ -52,9 +52,12 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
                 out.append({**base, "arm": "zero_shot", "counts": np.array(ev["counts"])})
                 if ev["floor_counts"] and all(ev["floor_counts"]):
                     out.append({**base, "arm": "floor", "counts": np.array(ev["floor_counts"])})
-            else:
-                arm = f"strategy:{job.strategy}" if job.strategy else recipe_arm(job.arm, job.recipe)
-                out.append({**base, "arm": arm, "counts": np.array(ev["counts"])})
+            elif job.strategy:
+                out.append({**base, "arm": f"strategy:{job.strategy}", "counts": np.array(ev["counts"])})
+            else:  # the run, and each other part of the study that asked for the same work
+                for recipe, factor in [(job.recipe, job.steps_factor), *job.aliases]:
+                    out.append({**base, "arm": recipe_arm(job.arm, recipe), "steps_factor": factor,
+                                "counts": np.array(ev["counts"])})
         out += [{**common, **e} for e in kept_start(row, rows.get(job.needs or ""), job)]
     return out
 
@@ -284,7 +287,8 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
     for r in study.recipes:
         if r.datasets and d.name not in r.datasets:
             continue
-        ns = sorted({budget_count(b, d.n_labeled_train) for b in r.budgets})
+        checked = study.convergence.budgets if study.convergence and r.name in study.convergence.recipes else []
+        ns = sorted({budget_count(b, d.n_labeled_train) for b in r.budgets + checked})
         for arm in r.arms:
             for t in ((r.targets or [main]) if arm in PSEUDO_ARMS else [main]):
                 var = recipe_arm(arm, r.name)
@@ -426,7 +430,7 @@ def convergence(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[
         return []
     lines = [f"| arm | labels | {conv.factor}x steps − 1x (per seed) | mean | converged (< {conv.tolerance}) |",
              "|---|---:|---|---:|---|"]
-    for arm in conv.arms:
+    for arm in conv.arms + [recipe_arm(a, r) for r in conv.recipes for a in conv.arms]:
         for n in sorted(budgets):
             short = idx.counts.get((d.name, "test", d.main_target, arm, n, 1), {})
             long = idx.counts.get((d.name, "test", d.main_target, arm, n, conv.factor), {})
@@ -435,7 +439,7 @@ def convergence(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[
                 continue
             diffs = [micro_iou(long[s]) - micro_iou(short[s]) for s in seeds]
             ok = "yes" if abs(float(np.mean(diffs))) < conv.tolerance else "**no**"
-            lines.append(f"| {ARM_NAMES[arm]} | {n} | {', '.join(f'{x:+.4f}' for x in diffs)} | {np.mean(diffs):+.4f} | {ok} |")
+            lines.append(f"| {arm_label(arm, d.main_target, d.main_target)} | {n} | {', '.join(f'{x:+.4f}' for x in diffs)} | {np.mean(diffs):+.4f} | {ok} |")
     return lines if len(lines) > 2 else []
 
 

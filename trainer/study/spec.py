@@ -198,6 +198,9 @@ class ConvergenceSpec:
     arms: list[str] = field(default_factory=lambda: ["scratch"])
     factor: int = 2
     tolerance: float = 0.01  # |IoU(long) - IoU(short)| below this: converged
+    # recipes whose schedule is checked too (e.g. one with more fine-tune steps, where the grid's had not converged):
+    # their runs of these arms at these budgets, and the same with factor x the recipe's steps, on the recipe's datasets
+    recipes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -252,6 +255,14 @@ class Study:
         unknown = sorted({n for r in self.recipes for n in r.datasets} - {d.name for d in self.datasets})
         if unknown:
             raise ValueError(f"recipes name datasets the study does not have: {unknown}")
+        conv = self.convergence
+        for name in conv.recipes if conv else []:
+            r = next((r for r in self.recipes if r.name == name), None)
+            if r is None:
+                raise ValueError(f"convergence.recipes: {name!r} is not one of the study's recipes ({', '.join(recipes) or 'none'})")
+            if not set(r.arms) & set(conv.arms):
+                raise ValueError(f"convergence.recipes: recipe {name!r} runs {r.arms}, none of the arms the check "
+                                 f"re-runs ({conv.arms}): add one to the recipe's arms or to convergence.arms")
 
 
 def parse_budget(text: str) -> tuple[str, float]:
