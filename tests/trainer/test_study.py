@@ -261,3 +261,9 @@ def test_the_gap_line_says_there_is_no_gap_where_scratch_is_within_the_tolerance
         "- 1 labels: scratch 0.600, end-to-end 0.700, all 100 labels, 2x steps 0.900 (1 seed): end-to-end closes 33% of "
         "the gap"]
     assert gap_closed(d, Index(runs), {1: ["1"], 100: ["100%"]}, reps=20, factor=2) == []
+    # every model fine-tuned with a recipe (e.g. a longer schedule): the recipe's runs only
+    rec = runs + [{**run("scratch", 100, 0, 900), "arm": "scratch+long"}, {**run("scratch", 1, 0, 700), "arm": "scratch+long"},
+                  {**run("end_to_end", 1, 0, 800), "arm": "end_to_end+long"}]
+    assert gap_closed(d, Index(rec), {1: ["1"], 100: ["100%"]}, reps=20, recipe="long") == [
+        "- 1 labels: scratch + long 0.700, end-to-end + long 0.800, all 100 labels 0.900 (1 seed): end-to-end + long "
+        "closes 50% of the gap"]

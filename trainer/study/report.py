@@ -393,14 +393,16 @@ def kept_section(d: StudyData, runs: list[dict[str, Any]]) -> list[str]:
 
 
 def gap_closed(d: StudyData, idx: Index, budgets: dict[int, list[str]], reps: int, min_gap: float = 0.01,
-               factor: int = 1) -> list[str]:
+               factor: int = 1, recipe: str | None = None) -> list[str]:
     """How much of the gap between scratch at n labels and scratch with every label end-to-end pretraining closes, for
     each pseudo-mask target with end-to-end runs; the all-labels model is scratch's run with ``factor`` x the
     fine-tune steps (the convergence check's, where the schedule had not converged there). Where scratch is within
     ``min_gap`` of the all-labels model (or above it) there is no gap to close, and a ratio of two noisy differences
-    would read as thousands of per cent: the line says so instead."""
+    would read as thousands of per cent: the line says so instead. With ``recipe``: every model (both arms and the
+    all-labels one) fine-tuned with that recipe."""
     full = max(budgets)
-    key = (d.name, "test", d.main_target, "scratch", full, factor)
+    scratch, e2e = recipe_arm("scratch", recipe), recipe_arm("end_to_end", recipe)
+    key = (d.name, "test", d.main_target, scratch, full, factor)
     top = idx.arm(key, reps)
     if top is None:
         return []
@@ -408,15 +410,15 @@ def gap_closed(d: StudyData, idx: Index, budgets: dict[int, list[str]], reps: in
     ref = f"all {full} labels{steps} {top.mean:.3f} ({top.n_seeds} seed{'s' if top.n_seeds > 1 else ''})"
     lines = []
     for t in d.stores:
-        label = arm_label("end_to_end", t, d.main_target)
+        label = arm_label(e2e, t, d.main_target)
         for n in sorted(budgets):
             if n == full:
                 continue
-            s = idx.arm((d.name, "test", d.main_target, "scratch", n, 1), reps)
-            e = idx.arm((d.name, "test", t, "end_to_end", n, 1), reps)
+            s = idx.arm((d.name, "test", d.main_target, scratch, n, 1), reps)
+            e = idx.arm((d.name, "test", t, e2e, n, 1), reps)
             if s is None or e is None:
                 continue
-            head = f"- {n} labels: scratch {s.mean:.3f}, {label} {e.mean:.3f}, {ref}: "
+            head = f"- {n} labels: {arm_label(scratch, t, d.main_target)} {s.mean:.3f}, {label} {e.mean:.3f}, {ref}: "
             if top.mean - s.mean < min_gap:
                 lines.append(head + f"no gap to close (scratch is within {min_gap} of the all-labels model)")
             else:
@@ -507,6 +509,15 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
             md += ["", f"The same against the all-labels model fine-tuned {study.convergence.factor}x as long (the "
                    "convergence check's run: the reference where the schedule had not converged with every label):",
                    "", *longer]
+        for r in [r for r in study.recipes if study.convergence and r.name in study.convergence.recipes
+                  and (not r.datasets or d.name in r.datasets)]:
+            r_budgets: dict[int, list[str]] = defaultdict(list)
+            for b in r.budgets:
+                r_budgets[budget_count(b, d.n_labeled_train)].append(b)
+            lines = gap_closed(d, idx, r_budgets, study.bootstrap, tol, recipe=r.name)
+            if lines:
+                md += ["", f"The same with every model fine-tuned with `{r.name}` (finetune {r.finetune}; its schedule "
+                       "is checked in the convergence check below):", "", *lines]
         for site in d.sites:
             n_site = len(idx.ids.get((d.name, f"site:{site}"), ()))
             pooled = ", ".join(t for t in d.pool_extra)
