@@ -125,6 +125,8 @@ def test_a_recipe_s_longer_schedule_is_checked_for_convergence_and_shared_work_r
     long_x2 = ft[("long", 2, 2, 0)]
     assert long_x2.config["finetune"]["steps"] == 8 and long_x2.dir.endswith("seed0/n002_x2_long")
     assert ft[("long", 1, 1, 0)].config["finetune"]["steps"] == 4 and ("long", 1, 2, 0) not in ft
+    chosen = {(j.recipe, j.n_labels, j.steps_factor) for j in select(jobs, recipes=["long"], seeds=[0])}
+    assert chosen == {("long", 1, 1), (None, 2, 2), ("long", 2, 2)}  # the shared run is the recipe's too
     # a recipe whose schedule is not the grid's 2x one gets its own run at the check's budget
     jobs = _jobs(tmp_path, arms=["scratch"], recipes=[{**LONG, "finetune": {"steps": 3}}], convergence=CHECK,
                  train={"base": "cpu_small", "finetune": {"steps": 2}})

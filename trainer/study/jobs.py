@@ -503,12 +503,13 @@ def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=Non
     ``targets`` keeps runs on those pseudo-mask targets (e.g. ``fov_otsu_hull``, ``otsu``, ``fov_otsu_hull+sites``);
     ``strategies`` keeps fine-tune runs whose labeled images were picked that way (``random``: the budget's random
     subset, i.e. the main comparison); ``recipes`` keeps fine-tune runs of those recipes (``none``: the arms as the grid
-    runs them). The partners of the runs kept (:func:`adopt_reruns`) are kept with them.
+    runs them; a run that is also a recipe's, ``aliases``, counts as both). The partners of the runs kept
+    (:func:`adopt_reruns`) are kept with them.
     """
     def chosen_finetune(j: Job) -> bool:
         return ((not arms or j.arm in arms) and (not budgets or bool(set(j.budgets) & set(budgets)))
                 and (not targets or j.target in targets) and (not strategies or (j.strategy or "random") in strategies)
-                and (not recipes or (j.recipe or "none") in recipes))
+                and (not recipes or bool({r or "none" for r, _ in [(j.recipe, 0), *j.aliases]} & set(recipes))))
 
     keep = [j for j in jobs if (not datasets or j.dataset in datasets) and (seeds is None or j.seed in seeds)
             and (j.kind != "finetune" or chosen_finetune(j))]
