@@ -8,6 +8,8 @@ end_to_end+strong_aug, strategy:uncertain, ...); TARGET defaults to the dataset'
 
     python benchmarks/studies/pairs.py benchmarks/studies/scale_cpu.yaml --dataset cxr_shenzhen \\
         --a end_to_end:fov_otsu_hull@store --b end_to_end:otsu --labels 1,10 --eval test,site:cxr_lungs
+    python benchmarks/studies/pairs.py benchmarks/studies/scale_cpu.yaml --dataset nuclei_dsb2018 \
+        --a end_to_end+long --b scratch+long --b-steps-factor 2 --labels 10,379   # against scratch at 2x the steps
 """
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ def main() -> None:
     ap.add_argument("--b", required=True, help="ARM[:TARGET], the subtrahend")
     ap.add_argument("--labels", required=True, help="comma-separated label counts, e.g. 1,2,10")
     ap.add_argument("--eval", default="test", help="comma-separated: test, val, site:NAME [test]")
-    ap.add_argument("--steps-factor", type=int, default=1)
+    ap.add_argument("--steps-factor", type=int, default=1, help="the runs' fine-tune steps factor (2: the "
+                    "convergence check's runs) [1]")
+    ap.add_argument("--b-steps-factor", type=int, default=None,
+                    help="the subtrahend's, where it differs: e.g. a model against scratch fine-tuned 2x as long")
     args = ap.parse_args()
 
     study, train = load_study(str(args.study), [])
@@ -42,13 +47,14 @@ def main() -> None:
     rows = ledger.read_ledger(study.results_dir)
     idx = Index(runs_from_ledger(rows, adopt_reruns(make_jobs(study, train, data), rows)))
 
-    def key(spec: str, where: str, n: int) -> tuple:
+    def key(spec: str, where: str, n: int, factor: int) -> tuple:
         arm, _, target = spec.partition(":")
-        return (d.name, where, target or d.main_target, arm, n, args.steps_factor)
+        return (d.name, where, target or d.main_target, arm, n, factor)
 
     for where in args.eval.split(","):
         for n in (int(x) for x in args.labels.split(",")):
-            a, b = key(args.a, where, n), key(args.b, where, n)
+            a = key(args.a, where, n, args.steps_factor)
+            b = key(args.b, where, n, args.steps_factor if args.b_steps_factor is None else args.b_steps_factor)
             seeds = sorted(set(idx.counts.get(a, {})) & set(idx.counts.get(b, {})))
             per_seed = [(s, p) for s in seeds if (p := idx.pair(a, b, s)) is not None]
             e = idx.diff(a, b, study.bootstrap)
