@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from typing import Any
 from medsass.trainer import weights
 from medsass.trainer.config import FinetuneConfig
 from medsass.trainer.study.ledger import same_realizations
-from medsass.trainer.study.spec import (PSEUDO_ARMS, WEIGHT_ARMS, RecipeSpec, Study, budget_count, parse_budget,
-                                        recipe_train)
+from medsass.trainer.study.spec import (PSEUDO_ARMS, WEIGHT_ARMS, RecipeSpec, Study, budget_count, budget_counts,
+                                        parse_budget, recipe_train)
 
 from medsass import configio
 from medsass.errors import MedsassError
@@ -94,9 +93,12 @@ class Job:
 
     @property
     def key(self) -> str:
-        ident = {**self.identity, "realization": self.realization} if self.realization else self.identity
-        blob = json.dumps(ident, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest(self.identity, self.realization)[:16]
+
+    @property
+    def names(self) -> list[tuple[str | None, int]]:
+        """(recipe, steps_factor) of every part of the study this run is reported under: its own, then ``aliases``."""
+        return [(self.recipe, self.steps_factor), *self.aliases]
 
     @property
     def label(self) -> str:
@@ -186,9 +188,7 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
     conv = study.convergence
     w = init_weights(study)
     for d_i, d in enumerate(data):
-        counts: dict[int, list[str]] = defaultdict(list)
-        for b in study.budgets:
-            counts[budget_count(b, d.n_labeled_train)].append(b)
+        counts = budget_counts(study.budgets, d.n_labeled_train)
         other_counts = {budget_count(b, d.n_labeled_train) for b in study.other_targets.budgets}
         conv_counts = {budget_count(b, d.n_labeled_train) for b in conv.budgets} if conv else set()
         for seed in study.seeds:
@@ -242,9 +242,7 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
                                               data_id, d_i, w))
             st = study.strategies
             if st and (not st.datasets or d.name in st.datasets):
-                st_counts: dict[int, list[str]] = defaultdict(list)
-                for b in st.budgets:
-                    st_counts[budget_count(b, d.n_labeled_train)].append(b)
+                st_counts = budget_counts(st.budgets, d.n_labeled_train)
                 for target in strategy_targets(st, d):
                     if target not in pre:
                         raise MedsassError(f"strategies: {d.name}'s {target} target has no end-to-end pretraining in "
@@ -260,15 +258,11 @@ def make_jobs(study: Study, train: dict[str, Any], data: list[StudyData]) -> lis
             for r in study.recipes:
                 if r.datasets and d.name not in r.datasets:
                     continue
-                r_counts: dict[int, list[str]] = defaultdict(list)
-                for b in r.budgets:
-                    r_counts[budget_count(b, d.n_labeled_train)].append(b)
+                r_counts = budget_counts(r.budgets, d.n_labeled_train)
                 plan = [(t, a, n, names, 1) for n, names in sorted(r_counts.items())
                         for t, a in _recipe_plan(study, d, r, pre, ssl_job)]
                 if conv and r.name in conv.recipes:  # the recipe's schedule checked: its run and factor x its steps
-                    c_counts: dict[int, list[str]] = defaultdict(list)
-                    for b in conv.budgets:
-                        c_counts[budget_count(b, d.n_labeled_train)].append(b)
+                    c_counts = budget_counts(conv.budgets, d.n_labeled_train)
                     plan += [(t, a, n, names, f) for n, names in sorted(c_counts.items()) for f in (1, conv.factor)
                              for t, a in _recipe_plan(study, d, r, pre, ssl_job)
                              if a in conv.arms and t == d.main_target and (f > 1 or n not in r_counts)]
@@ -455,14 +449,18 @@ def _get_steps(train: dict[str, Any]) -> int:
     return int(train.get("finetune", {}).get("steps", FinetuneConfig().steps))
 
 
+def _digest(ident: dict[str, Any], realization: int = 0) -> str:
+    ident = {**ident, "realization": realization} if realization else ident
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _work(job: Job) -> str:
     """What a job computes: its key, with the fine-tune keys at their defaults written out, so that a key left to its
     default and the same key written (``warmup_steps: 0``) are the same work. The first job of a work keeps its key."""
     ident = job.identity
     if job.kind == "finetune":
         ident = {**ident, "finetune": configio.to_dict(configio.from_dict(FinetuneConfig, ident.get("finetune", {})))}
-    ident = {**ident, "realization": job.realization} if job.realization else ident
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return _digest(ident, job.realization)
 
 
 def _dedupe(jobs: list[Job]) -> list[Job]:
@@ -509,7 +507,7 @@ def select(jobs: list[Job], *, datasets=None, seeds=None, arms=None, budgets=Non
     def chosen_finetune(j: Job) -> bool:
         return ((not arms or j.arm in arms) and (not budgets or bool(set(j.budgets) & set(budgets)))
                 and (not targets or j.target in targets) and (not strategies or (j.strategy or "random") in strategies)
-                and (not recipes or bool({r or "none" for r, _ in [(j.recipe, 0), *j.aliases]} & set(recipes))))
+                and (not recipes or any((r or "none") in recipes for r, _ in j.names)))
 
     keep = [j for j in jobs if (not datasets or j.dataset in datasets) and (seeds is None or j.seed in seeds)
             and (j.kind != "finetune" or chosen_finetune(j))]

@@ -18,7 +18,7 @@ import numpy as np
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, StudyData, strategy_targets, twin_realizations
 from medsass.trainer.study.plot import plot_dataset, plot_strategies
-from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, recipe_arm
+from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, budget_counts, recipe_arm
 from medsass.trainer.study.stats import MIN_SEEDS_BOLD, Estimate, estimate, micro_iou, paired_difference
 from medsass.trainer.study.stores import prep_seconds
 
@@ -55,7 +55,7 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
             elif job.strategy:
                 out.append({**base, "arm": f"strategy:{job.strategy}", "counts": np.array(ev["counts"])})
             else:  # the run, and each other part of the study that asked for the same work
-                for recipe, factor in [(job.recipe, job.steps_factor), *job.aliases]:
+                for recipe, factor in job.names:
                     out.append({**base, "arm": recipe_arm(job.arm, recipe), "steps_factor": factor,
                                 "counts": np.array(ev["counts"])})
         out += [{**common, **e} for e in kept_start(row, rows.get(job.needs or ""), job)]
@@ -494,9 +494,7 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
         md += [f"Init weights of the arms {', '.join(ARM_NAMES[a] for a in WEIGHT_ARMS)}: `{Path(study.init_weights).name}` "
                "(fine-tuned from them; pretrained end to end on the main target's pseudo-masks from them, then fine-tuned)", ""]
     for d in data:
-        budgets: dict[int, list[str]] = defaultdict(list)
-        for b in study.budgets:
-            budgets[budget_count(b, d.n_labeled_train)].append(b)
+        budgets = budget_counts(study.budgets, d.n_labeled_train)
         n_test = len(idx.ids.get((d.name, "test"), ()))
         md += [f"## {d.name}", "", f"Test split: {n_test} labeled images. Micro IoU, mean ± sd over seeds (number of seeds).", ""]
         md += dataset_section(study, d, idx, budgets, "test")
@@ -511,9 +509,7 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
                    "", *longer]
         for r in [r for r in study.recipes if study.convergence and r.name in study.convergence.recipes
                   and (not r.datasets or d.name in r.datasets)]:
-            r_budgets: dict[int, list[str]] = defaultdict(list)
-            for b in r.budgets:
-                r_budgets[budget_count(b, d.n_labeled_train)].append(b)
+            r_budgets = budget_counts(r.budgets, d.n_labeled_train)
             # the recipe's all-labels run is the reference: without one (its budgets stop short of 100%), no lines
             lines = gap_closed(d, idx, r_budgets, study.bootstrap, tol, recipe=r.name) if max(r_budgets) == max(budgets) else []
             if lines:

@@ -280,6 +280,14 @@ def parse_budget(text: str) -> tuple[str, float]:
     raise ValueError(f"budget {text!r}: use a label count (5) or a percentage of the labeled train split (10%)")
 
 
+def budget_counts(budgets: list[str], n_available: int) -> dict[int, list[str]]:
+    """The budgets grouped by how many labeled images each means (``"100%"`` and ``"50"`` may be the same run)."""
+    out: dict[int, list[str]] = {}
+    for b in budgets:
+        out.setdefault(budget_count(b, n_available), []).append(b)
+    return out
+
+
 def budget_count(text: str, n_available: int) -> int:
     """How many labeled train images a budget means (at most all of them, at least one)."""
     kind, v = parse_budget(text)
