@@ -18,7 +18,8 @@ import numpy as np
 from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, StudyData, strategy_targets, twin_realizations
 from medsass.trainer.study.plot import plot_dataset, plot_strategies
-from medsass.trainer.study.spec import ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, budget_counts, recipe_arm
+from medsass.trainer.study.spec import (ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, budget_counts,
+                                        recipe_arm)
 from medsass.trainer.study.stats import MIN_SEEDS_BOLD, Estimate, estimate, micro_iou, paired_difference
 from medsass.trainer.study.stores import prep_seconds
 
@@ -511,7 +512,8 @@ def write_report(study: Study, data: list[StudyData], jobs: list[Job], log=print
                   and (not r.datasets or d.name in r.datasets)]:
             r_budgets = budget_counts(r.budgets, d.n_labeled_train)
             # the recipe's all-labels run is the reference: without one (its budgets stop short of 100%), no lines
-            lines = gap_closed(d, idx, r_budgets, study.bootstrap, tol, recipe=r.name) if max(r_budgets) == max(budgets) else []
+            lines = (gap_closed(d, idx, r_budgets, study.bootstrap, tol, recipe=r.name)
+                     if max(r_budgets) == max(budgets) else [])
             if lines:
                 md += ["", f"The same with every model fine-tuned with `{r.name}` (finetune {r.finetune}; its schedule "
                        "is checked in the convergence check below):", "", *lines]
