@@ -135,6 +135,12 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert [x.split(" = ")[0] for x in out.stdout.splitlines()] == ["test 1 labels: end_to_end − ssl",
                                                                    "site:other 1 labels: end_to_end − ssl"]
     assert all("(1 seed; seed 0 " in x for x in out.stdout.splitlines())
+    script = script.with_name("best_step.py")  # the convergence check's scratch pairs, with where their best val fell
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    body = out.stdout.splitlines()
+    assert body[0].startswith("dataset | seed | labels | steps") and body[1].startswith("synth | 0 | "), out.stdout
+    assert any(x.startswith(("best val in the last fifth: ", "best val earlier: ")) for x in body), out.stdout
     with (tmp_path / "results" / "results.csv").open() as fh:
         csv_rows = list(csv.DictReader(fh))
     assert {r["arm"] for r in csv_rows} >= {"floor", "zero_shot", "scratch", "end_to_end", "encoder_only", "ssl"}
