@@ -198,9 +198,12 @@ def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bo
 @click.option("--adopt-reruns", is_flag=True,
               help="A pretraining rerun (its checkpoint was gone) that does not reproduce its ledger line becomes a new "
                    "start for the runs still to do, under new keys, instead of failing them; the ledger's runs keep theirs.")
+@click.option("--compact-ledger", is_flag=True,
+              help="Rewrite the ledger with its repeated lists (split ids, floor counts, labeled ids) stored once: "
+                   "lines written before medsass did so shrink to about a third; every run line is kept. Trains nothing.")
 def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, targets: str,
               strategies: str, recipes: str, max_runs: int | None,
-              dry_run: bool, report_only: bool, adopt_reruns: bool) -> None:
+              dry_run: bool, report_only: bool, adopt_reruns: bool, compact_ledger: bool) -> None:
     """Run a label-efficiency study (STUDY: a study YAML, e.g. benchmarks/studies/scale_cpu.yaml); resumable.
 
     Every finished run is one line of RESULTS_DIR/results.jsonl; re-running skips those and resumes the
@@ -211,8 +214,11 @@ def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds:
         return [x.strip() for x in text.split(",") if x.strip()]
 
     try:
-        from medsass.trainer.study.runner import run_study
+        from medsass.trainer.study.runner import compact_ledger as compact, run_study
 
+        if compact_ledger:
+            compact(study_file, overrides, log=lambda m: click.echo(m, err=True))
+            return
         outcome = run_study(study_file, overrides, datasets=split(datasets), seeds=[int(s) for s in split(seeds)] or None,
                             arms=split(arms), budgets=split(budgets), targets=split(targets),
                             strategies=split(strategies), recipes=split(recipes), max_runs=max_runs, dry_run=dry_run,

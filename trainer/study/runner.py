@@ -92,6 +92,14 @@ def run_study(path: str, overrides: Sequence[str] = (), *, datasets: Sequence[st
     return StudyOutcome(chosen, ran, failed)
 
 
+def compact_ledger(path: str, overrides: Sequence[str] = (), log=print) -> tuple[int, int]:
+    """Rewrite the study's ledger with its repeated lists stored once (see :mod:`.ledger`); trains nothing."""
+    study, _ = load_study(path, list(overrides))
+    before, after = ledger.compact(study.results_dir)
+    log(f"{ledger.ledger_path(study.results_dir)}: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB, every run line kept")
+    return before, after
+
+
 def _history(study: Study, overrides: Sequence[str], ran: int | None, failed: dict[str, str], seconds: float) -> None:
     """One line per invocation in ``<results_dir>/history.jsonl`` (the commands that made the ledger)."""
     path = Path(study.results_dir) / "history.jsonl"
