@@ -200,7 +200,7 @@ def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bo
                    "start for the runs still to do, under new keys, instead of failing them; the ledger's runs keep theirs.")
 @click.option("--compact-ledger", is_flag=True,
               help="Rewrite the ledger with its repeated lists (split ids, floor counts, labeled ids) stored once: "
-                   "lines written before medsass did so shrink to about a third; every run line is kept. Trains nothing.")
+                   "the scale study's went from 5.50 MB to 1.27 MB; every run line is kept. Trains nothing.")
 def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, targets: str,
               strategies: str, recipes: str, max_runs: int | None,
               dry_run: bool, report_only: bool, adopt_reruns: bool, compact_ledger: bool) -> None:
