@@ -6,6 +6,7 @@ Unknown keys and wrong types are :class:`ConfigError` naming the dotted key (``m
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,9 +122,17 @@ class FinetuneConfig(StageConfig):
     # the encoder's learning rate as a fraction of lr (the decoder and head keep lr): < 1 is a gentler fine-tune that
     # moves the pretrained features less than the randomly initialised or task-specific parts; 1 = one lr for all
     encoder_lr_scale: float = 1.0
+    # joint training: every step also fits a batch of the pretraining pool (pretrain.stores, .splits, .target; labels
+    # unused) to its pseudo-masks, loss = loss(labeled batch) + w * loss(pool batch). w = pseudo_weight at step 1 and
+    # then, with pseudo_decay linear, falls to 0 at the last step (the run starts as pretraining and ends as a plain
+    # fine-tune); none keeps it. 0 = a plain fine-tune. Each step costs about twice as much
+    pseudo_weight: float = 0.0
+    pseudo_decay: Literal["linear", "none"] = "linear"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not (self.pseudo_weight >= 0 and math.isfinite(self.pseudo_weight)):
+            raise ValueError(f"pseudo_weight must be >= 0 (0 = a plain fine-tune), got {self.pseudo_weight}")
         if not 0 < self.encoder_lr_scale <= 1:
             raise ValueError(f"encoder_lr_scale must be in (0, 1] (the encoder's fraction of lr), got {self.encoder_lr_scale}")
         if self.label_fraction is not None and self.label_count is not None:
@@ -233,6 +242,11 @@ class TrainConfig:
         weights = getattr(self, stage).stores or {n: 1.0 for n in self.stores}
         return {n: w for n, w in weights.items() if w > 0}
 
+    def pseudo_pool(self) -> dict[str, float]:
+        """The stores (name -> weight) a joint fine-tune (``finetune.pseudo_weight > 0``) draws its pseudo-mask batches
+        from: the pretraining's; {} for a plain fine-tune."""
+        return self.stage_stores("pretrain") if self.finetune.pseudo_weight > 0 else {}
+
 
 def find_config(path: str | Path) -> Path:
     """A config file, a run folder (its resolved ``config.yaml``), or an example in ``trainer/configs/`` (``cpu_small``)."""
@@ -296,6 +310,12 @@ def stage_section(cfg: TrainConfig, stage: str) -> dict[str, Any]:
         del section["finetune"]["keep_start"]
     if stage == "finetune" and cfg.finetune.encoder_lr_scale == 1.0:  # added later: at its default, as older runs
         del section["finetune"]["encoder_lr_scale"]
+    if stage == "finetune" and cfg.finetune.pseudo_weight == 0:  # added later: off, as older runs
+        del section["finetune"]["pseudo_weight"], section["finetune"]["pseudo_decay"]
+    elif stage == "finetune":  # a joint fine-tune also depends on the pool it fits to pseudo-masks
+        pc = cfg.pretrain
+        section["pseudo_pool"] = {"stores": {n: cfg.stores[n] for n in cfg.pseudo_pool()}, "weights": cfg.pseudo_pool(),
+                                  "splits": pc.splits, "target": pc.target, "exclude_degenerate": pc.exclude_degenerate}
     if stage == "finetune" and cfg.finetune.labeled_ids:  # the ids in the file, not only its path, decide the rows
         section["labeled_ids_sha256"] = sample_ids_digest(read_sample_ids(cfg.finetune.labeled_ids))
     return section

@@ -88,6 +88,21 @@ def augment_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + micro) * 65_537 + rank & (2**63 - 1)
 
 
+@dataclass
+class PseudoTerm:
+    """Joint training (``finetune.pseudo_weight``): each labeled micro-batch is trained beside a batch of pool images
+    fitted to their pseudo-masks, the pool's loss weighted by :meth:`weight`."""
+
+    batches: Iterator[dict[str, torch.Tensor]]
+    start: float  # the weight at the first step
+    decay: str  # linear: falls to 0 over ``steps``; none: constant
+    steps: int
+
+    def weight(self, step: int) -> float:
+        """The pool loss's weight in the step that ``step`` steps precede (0 = the first)."""
+        return self.start * (1 - step / self.steps) if self.decay == "linear" else self.start
+
+
 class MetricsLog:
     """``metrics.jsonl`` (rank 0), plus TensorBoard when installed; on resume, drops lines past the resume step."""
 
@@ -181,20 +196,29 @@ class Loop:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
-    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], state: LoopState) -> float:
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], state: LoopState, pseudo: PseudoTerm | None = None) -> float:
+        """One optimiser step; with ``pseudo``, each micro-batch goes through the network together with a pool batch
+        (one forward pass, so batch norm sees both) and the loss adds the pool batch's, weighted."""
         cfg, accum = self.cfg, self.cfg.grad_accum
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = self.prepare(next(batches), state.step, micro)
+            n = x.shape[0]
+            if pseudo is not None:  # its own augmentation draws: micro-batch numbers after the labeled ones
+                xp, yp = self.prepare(next(pseudo.batches), state.step, accum + micro)
+                x = torch.cat([x, xp])
             state.batches += 1
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    logits = self.net(x)
-                loss = self.loss_fn(logits.float(), y) / accum
+                    logits = self.net(x).float()
+                loss = self.loss_fn(logits[:n], y)
+                if pseudo is not None:
+                    loss = loss + pseudo.weight(state.step) * self.loss_fn(logits[n:], yp)
+                loss = loss / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.grad_clip:
@@ -223,10 +247,12 @@ class Loop:
         progress: bool = True,
         desc: str = "train",
         keep_start: bool = False,
+        pseudo: PseudoTerm | None = None,
     ) -> LoopState:
         """Train from ``state`` to ``cfg.steps``; ``checkpoint(kind, state)`` with kind last | best.
 
-        ``keep_start``: score the starting weights on val before step 1, as the first best.pt candidate."""
+        ``keep_start``: score the starting weights on val before step 1, as the first best.pt candidate.
+        ``pseudo``: joint training, a pool batch fitted to its pseudo-masks beside each labeled one."""
         cfg = self.cfg
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not (progress and self.dist.is_main), dynamic_ncols=True)
@@ -237,7 +263,7 @@ class Loop:
             checkpoint("best", state)
         while state.step < cfg.steps:
             t0 = time.perf_counter()
-            losses.append(self.train_step(batches, state))
+            losses.append(self.train_step(batches, state, pseudo))
             busy += time.perf_counter() - t0
             # the last group's: lr itself (with finetune.encoder_lr_scale the first is the encoder's, scaled)
             step, lr = state.step, self.scheduler.get_last_lr()[-1]
@@ -303,6 +329,14 @@ def run_training(config, plan, dist) -> dict[str, Any]:
                          batch_size=scfg.batch_size, start_batch=state.batches, in_memory_limit_mb=rt.in_memory_limit_mb)
     loader = make_loader(stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
                          pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor)
+    pool = config.pseudo_pool() if stage == "finetune" else {}
+    pool_stream = None
+    if pool:  # joint training: pool batches in step with the labeled ones (the same start_batch on resume)
+        pool_sources = [Source(store=Path(config.stores[n]), rows=plan.pseudo_rows[n], weight=pool[n], target=config.pretrain.target)
+                        for n in pool]
+        pool_stream = ShardStream(pool_sources, seed=config.seed, rank=dist.rank, world_size=dist.world_size,
+                                  shuffle_buffer=rt.shuffle_buffer, batch_size=scfg.batch_size, start_batch=state.batches,
+                                  in_memory_limit_mb=rt.in_memory_limit_mb)
     # val IoU compares hard masks (> 0): not defined for a probability target, so no best.pt then
     val_sources = [] if soft else [EvalSource(n, Path(stores[n]), r, target) for n, r in plan.val_rows.items()]
 
@@ -310,7 +344,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         return val_iou(m, val_sources, batch_size=config.evaluate.batch_size, dist=dist, amp=loop.amp_dtype)
 
     keep_start = keeps_start(config, plan) and bool(val_sources)  # nothing to score the start on without val
-    digests = ck.store_digests(stores)
+    digests = ck.store_digests({**stores, **{n: config.stores[n] for n in pool}})
     mode = config.pretrain.mode if stage == "pretrain" else plan.init
 
     def payload(kind: str, st: LoopState) -> dict[str, Any]:
@@ -336,13 +370,19 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     try:
         with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
             batches = iter(loader)
+            pool_batches = None if pool_stream is None else iter(
+                make_loader(pool_stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
+                            pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor))
+            pseudo = None if pool_batches is None else PseudoTerm(pool_batches, config.finetune.pseudo_weight,
+                                                                  config.finetune.pseudo_decay, scfg.steps)
             try:
                 loop.run(batches, state, validate=validate if val_sources else None, checkpoint=checkpoint, log=log, progress=rt.progress, desc=stage,
-                         keep_start=keep_start)
+                         keep_start=keep_start, pseudo=pseudo)
             finally:
                 # the workers ignore SIGTERM (stream.ignore_sigterm), so stop them here: an exception's traceback
                 # keeps the iterator alive until exit, where multiprocessing would wait for them after a SIGTERM
-                getattr(batches, "_shutdown_workers", lambda: None)()
+                for it in (batches, pool_batches):
+                    getattr(it, "_shutdown_workers", lambda: None)()
         kept = keep_start and state.best_step == 0
         if kept:
             log.note(state.step, f"best.pt is the pretrained model: no fine-tuned checkpoint beat its val IoU "

@@ -30,6 +30,7 @@ from medsass.trainer.data import check_sample_ids, read_sample_ids, select_rows
 from medsass.trainer.distributed import barrier, setup
 from medsass.trainer.evaluate import eval_rows, run_evaluate
 from medsass.trainer.model import build_model, check_compatible, model_args
+from medsass.trainer.targets import is_soft_target
 
 from medsass import configio
 from medsass.errors import ConfigError, StoreError
@@ -48,6 +49,7 @@ class StagePlan:
     resume: dict[str, Any] | None = None  # last.pt to continue from
     rows: dict[str, Any] = field(default_factory=dict)  # train: store -> rows; evaluate: split -> store -> rows
     val_rows: dict[str, Any] = field(default_factory=dict)  # store -> rows for best.pt
+    pseudo_rows: dict[str, Any] = field(default_factory=dict)  # finetune with pseudo_weight > 0: pool store -> rows
     init: str = "scratch"  # finetune: end_to_end | encoder_only | scratch
     image_size: int = 0  # S of the stage's stores
     source: Path | None = None  # finetune: pretrain checkpoint (None for scratch); evaluate: the checkpoint scored
@@ -129,7 +131,7 @@ def plan_run(config: TrainConfig, stages: Sequence[str], *, restart: bool = Fals
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]  # always in pipeline order
     build_model(config.model)  # unknown encoder / unbuildable U-Net: error now
-    used = {n for s in stages for n in config.stage_stores(s)}
+    used = {n for s in stages for n in config.stage_stores(s)} | (set(config.pseudo_pool()) if "finetune" in stages else set())
     for name in sorted(used):
         _check_store(name, config.stores[name])
     digests = ckpt_mod.store_digests({n: config.stores[n] for n in used})
@@ -195,6 +197,7 @@ def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) 
                 plan.val_rows[name] = select_rows(path, splits=["val"], seed=config.seed, **val_kw)
     if stage == "pretrain":
         return
+    _plan_pseudo_pool(config, plan)
     fc = config.finetune
     plan.init = fc.init
     if fc.init == "scratch":
@@ -222,6 +225,26 @@ def _plan_training(config: TrainConfig, plan: StagePlan, stages: Sequence[str]) 
             f"finetune.init=end_to_end but the pretrain run ({plan.source}) used pretrain.mode=encoder_only: "
             "only its encoder is meant to be carried. Set finetune.init=encoder_only (or auto)"
         )
+
+
+def _plan_pseudo_pool(config: TrainConfig, plan: StagePlan) -> None:
+    """A joint fine-tune's pool rows: the pretraining's records (its splits, target, QC filter), labels unused."""
+    pc, pool = config.pretrain, config.pseudo_pool()
+    if not pool:
+        if config.finetune.pseudo_weight > 0:
+            raise ConfigError("finetune.pseudo_weight > 0 fits pool images to their pseudo-masks, but pretrain.stores gives "
+                              "every store weight 0: give the pool stores a weight, or set finetune.pseudo_weight=0")
+        return
+    sizes = {n: open_store(config.stores[n])[1].size for n in pool}
+    if set(sizes.values()) != {plan.image_size}:
+        raise ConfigError(f"finetune.pseudo_weight: the pool stores' image sizes {sizes} differ from the fine-tune's "
+                          f"({plan.image_size} px); rebuild them at one --size")
+    for name in pool:
+        plan.pseudo_rows[name] = select_rows(config.stores[name], splits=pc.splits, target=pc.target,
+                                             exclude_degenerate=pc.exclude_degenerate, seed=config.seed)
+    if is_soft_target([config.stores[n] for n in pool], pc.target):
+        raise ConfigError(f"finetune.pseudo_weight: pretrain.target {pc.target} holds soft (probability) labels; a joint "
+                          "fine-tune fits binary pseudo-masks: use pretrain.target=pseudo_mask or a hard selftrain round")
 
 
 def eval_choice(config: TrainConfig, plans: Sequence[StagePlan]) -> str:

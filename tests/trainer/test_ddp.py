@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from medsass.trainer.config import load_config
 
+from medsass import configio
 from medsass.testing import make_synthetic_store
 
 TINY = "tu-mobilenetv3_small_100"
@@ -33,6 +34,10 @@ def _worker(rank: int, world: int, port: int, out: str, store: str) -> None:
 
     cfg = _config(out, store, ["pretrain", "evaluate"])
     results = run_stages(cfg)
+    # a joint fine-tune (pool batches beside the labeled ones) from it: DDP's one backward over both
+    joint = configio.to_dict(_config(out, store, ["finetune"]))
+    joint["finetune"].update(steps=2, batch_size=4, log_every=1, pseudo_weight=1.0)
+    run_stages(load_config(joint))
     info = setup("cpu")
     rows = select_rows(store, splits=["train"])
     # What this rank reads in the first epoch (shuffle buffer off: it mixes epochs on tiny stores).
@@ -41,7 +46,7 @@ def _worker(rank: int, world: int, port: int, out: str, store: str) -> None:
     seen = [int(r) for _ in range(3) for r in next(loader)["row"]]
     everyone = all_gather_objects(seen, info)
     metrics = all_gather_objects(results["evaluate"].metrics, info)
-    wrote = all_gather_objects(sorted(os.listdir(os.path.join(out, "pretrain"))), info)
+    wrote = all_gather_objects(sorted(os.listdir(os.path.join(out, "pretrain"))) + sorted(os.listdir(os.path.join(out, "finetune"))), info)
     teardown()
     if rank == 0:
         with open(os.path.join(out, "ddp_summary.json"), "w") as fh:
@@ -69,6 +74,9 @@ def test_two_process_gloo_run(tmp_path):
     assert len(a) == len(b) == 12 and not set(a) & set(b)  # disjoint shares of the train records
     assert summary["metrics"][0] == summary["metrics"][1]  # every rank returns the same, reduced metrics
     assert {"final.pt", "done"} <= set(summary["files"]) and "last.pt" not in summary["files"]  # resume point dropped
+    assert summary["files"].count("final.pt") == 2  # the joint fine-tune finished too
+    joint_log = [json.loads(x) for x in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in joint_log if "loss" in x] == [1, 2]
 
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert metrics["test"]["n"] == len(eval_rows(store, "test", "label"))  # both ranks' images, once each

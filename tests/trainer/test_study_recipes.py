@@ -163,3 +163,17 @@ def test_the_report_checks_the_recipe_s_schedule_from_runs_shared_with_the_grid(
         test = {(r["arm"], r["n_labels"], r["steps_factor"]): r["iou"] for r in csv.DictReader(f) if r["eval"] == "test"}
     assert test[("scratch+long", "2", "1")] == test[("scratch", "2", "2")]  # one run, reported as both
     assert ("scratch+long", "2", "2") in test and ("scratch+long", "1", "1") in test
+
+
+def test_a_joint_recipe_keys_scratch_on_the_pseudo_masks_it_reads(tmp_path):
+    joint = {"name": "joint", "finetune": {"pseudo_weight": 1.0}, "budgets": ["1"], "arms": ["scratch", "end_to_end"]}
+    study, train = load_study(_write(tmp_path, recipes=[joint, GENTLE]))
+
+    def keys(pseudo_digest: str) -> dict[tuple[str, str], str]:
+        data = [StudyData("d", {"store": "x.zarr"}, {}, {}, 10, digests={"store": pseudo_digest, "images": "def"})]
+        return {(j.recipe, j.arm): j.key for j in make_jobs(study, train, data) if j.recipe and j.seed == 0}
+
+    a, b = keys("abc"), keys("other pseudo-masks")
+    assert a[("joint", "scratch")] != b[("joint", "scratch")]  # a joint scratch run fits the pool's pseudo-masks
+    assert a[("gentle", "scratch")] == b[("gentle", "scratch")]  # a plain scratch run never reads them
+    assert a[("joint", "end_to_end")] != b[("joint", "end_to_end")]

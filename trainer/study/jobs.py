@@ -317,7 +317,9 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
         fc["steps"] = _get_steps(recipe_train(train, recipe) if recipe else train) * factor
         fc["warmup_steps"] = int(fc.get("warmup_steps", 0)) * factor
     cfg["evaluate"]["checkpoint"] = "best"
-    ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=arm in (*PSEUDO_ARMS, "weights_end_to_end")),
+    # a joint fine-tune (finetune.pseudo_weight > 0) reads the pool's pseudo-masks on every arm, scratch too
+    reads_pseudo = arm in (*PSEUDO_ARMS, "weights_end_to_end") or float(fc.get("pseudo_weight") or 0) > 0
+    ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=reads_pseudo),
                       source=source.key if source else None)
     if arm == "weights":
         ident = _weights_identity(ident, w)
