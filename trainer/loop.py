@@ -263,7 +263,7 @@ class Loop:
             checkpoint("best", state)
         while state.step < cfg.steps:
             t0 = time.perf_counter()
-            losses.append(self.train_step(batches, state, pseudo))
+            losses.append(self.train_step(batches, state) if pseudo is None else self.train_step(batches, state, pseudo))
             busy += time.perf_counter() - t0
             # the last group's: lr itself (with finetune.encoder_lr_scale the first is the encoder's, scaled)
             step, lr = state.step, self.scheduler.get_last_lr()[-1]
