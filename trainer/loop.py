@@ -325,18 +325,17 @@ def run_training(config, plan, dist) -> dict[str, Any]:
         loop.load_state_dict(plan.resume)
         ck.restore_rng(plan.resume["rng"])
         state = LoopState(plan.resume["step"], plan.resume["batches"], plan.resume["best"], plan.resume.get("best_step"))
-    stream = ShardStream(sources, seed=config.seed, rank=dist.rank, world_size=dist.world_size, shuffle_buffer=rt.shuffle_buffer,
-                         batch_size=scfg.batch_size, start_batch=state.batches, in_memory_limit_mb=rt.in_memory_limit_mb)
-    loader = make_loader(stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
-                         pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor)
-    pool = config.pseudo_pool() if stage == "finetune" else {}
-    pool_stream = None
-    if pool:  # joint training: pool batches in step with the labeled ones (the same start_batch on resume)
-        pool_sources = [Source(store=Path(config.stores[n]), rows=plan.pseudo_rows[n], weight=pool[n], target=config.pretrain.target)
-                        for n in pool]
-        pool_stream = ShardStream(pool_sources, seed=config.seed, rank=dist.rank, world_size=dist.world_size,
-                                  shuffle_buffer=rt.shuffle_buffer, batch_size=scfg.batch_size, start_batch=state.batches,
-                                  in_memory_limit_mb=rt.in_memory_limit_mb)
+
+    def loader_of(sources: list[Source]):  # the same start_batch on resume: pool batches stay in step with the labeled ones
+        stream = ShardStream(sources, seed=config.seed, rank=dist.rank, world_size=dist.world_size, shuffle_buffer=rt.shuffle_buffer,
+                             batch_size=scfg.batch_size, start_batch=state.batches, in_memory_limit_mb=rt.in_memory_limit_mb)
+        return make_loader(stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
+                           pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor)
+
+    loader = loader_of(sources)
+    pool = config.pseudo_pool() if stage == "finetune" else {}  # joint training: the pool's pseudo-mask batches
+    pool_loader = loader_of([Source(store=Path(config.stores[n]), rows=plan.pseudo_rows[n], weight=w, target=config.pretrain.target)
+                             for n, w in pool.items()]) if pool else None
     # val IoU compares hard masks (> 0): not defined for a probability target, so no best.pt then
     val_sources = [] if soft else [EvalSource(n, Path(stores[n]), r, target) for n, r in plan.val_rows.items()]
 
@@ -370,9 +369,7 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     try:
         with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
             batches = iter(loader)
-            pool_batches = None if pool_stream is None else iter(
-                make_loader(pool_stream, batch_size=scfg.batch_size, num_workers=rt.num_workers,
-                            pin_memory=rt.pin_memory and dist.device.type == "cuda", prefetch_factor=rt.prefetch_factor))
+            pool_batches = None if pool_loader is None else iter(pool_loader)
             pseudo = None if pool_batches is None else PseudoTerm(pool_batches, config.finetune.pseudo_weight,
                                                                   config.finetune.pseudo_decay, scfg.steps)
             try:

@@ -239,12 +239,12 @@ def _plan_pseudo_pool(config: TrainConfig, plan: StagePlan) -> None:
     if set(sizes.values()) != {plan.image_size}:
         raise ConfigError(f"finetune.pseudo_weight: the pool stores' image sizes {sizes} differ from the fine-tune's "
                           f"({plan.image_size} px); rebuild them at one --size")
-    for name in pool:
-        plan.pseudo_rows[name] = select_rows(config.stores[name], splits=pc.splits, target=pc.target,
-                                             exclude_degenerate=pc.exclude_degenerate, seed=config.seed)
     if is_soft_target([config.stores[n] for n in pool], pc.target):
         raise ConfigError(f"finetune.pseudo_weight: pretrain.target {pc.target} holds soft (probability) labels; a joint "
                           "fine-tune fits binary pseudo-masks: use pretrain.target=pseudo_mask or a hard selftrain round")
+    for name in pool:
+        plan.pseudo_rows[name] = select_rows(config.stores[name], splits=pc.splits, target=pc.target,
+                                             exclude_degenerate=pc.exclude_degenerate, seed=config.seed)
 
 
 def eval_choice(config: TrainConfig, plans: Sequence[StagePlan]) -> str:
