@@ -26,6 +26,7 @@ from medsass.trainer.data import ShardStream, Source, make_loader
 from medsass.trainer.distributed import DistInfo
 from medsass.trainer.evaluate import EvalSource, val_iou
 from medsass.trainer.losses import LossFn, build_loss
+from medsass.trainer.mask_quality import agreement_note, pool_agreement
 from medsass.trainer.model import ENCODER_PREFIX, build_model, freeze_unused, init_encoder, load_weights, model_args
 from medsass.trainer.precision import amp_dtype, use_channels_last
 from medsass.trainer.targets import BINARY, PROBABILITY, TARGET_TRANSFORMS, TargetTransform, binary_target, is_soft_target
@@ -366,6 +367,11 @@ def run_training(config, plan, dist) -> dict[str, Any]:
     if replaced:
         log.note(state.step, replaced, echo=False)
         warnings.warn(replaced, MedsassWarning, stacklevel=2)
+    if pool and plan.resume is None and dist.is_main:  # a joint fine-tune: how close are the pseudo-masks it fits?
+        text, low = agreement_note(pool_agreement(config.stores, plan.pseudo_rows, config.pretrain.target))
+        log.note(state.step, text, echo=not low)
+        if low:
+            warnings.warn(text, MedsassWarning, stacklevel=2)
     try:
         with preempt.watch():  # before iter(): forked DataLoader workers inherit the handlers
             batches = iter(loader)

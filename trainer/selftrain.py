@@ -23,7 +23,7 @@ label-free correction.
 
 Then a fresh U-Net is pretrained on them (same config, ``pretrain.target: pseudo_labels/<name>_r<r>``)
 into ``<out_dir>/selftrain/<name>_r<r>/`` and scored zero-shot on ``evaluate.splits`` (test).
-Expert masks are read only by :func:`mask_quality`, which *measures* the new pseudo-labels;
+Expert masks are read only by :func:`~medsass.trainer.mask_quality.mask_quality`, which *measures* the new pseudo-labels;
 nothing they give is fed back. New labels with a foreground fraction outside
 [``min_fg``, ``max_fg``] are flagged degenerate and left out of the next pretrain.
 
@@ -48,6 +48,7 @@ import zarr
 from medsass.pipeline.methods import FG_HIGH, FG_LOW
 from medsass.trainer import checkpoint as ckpt_mod
 from medsass.trainer.config import TrainConfig
+from medsass.trainer.mask_quality import mask_quality
 from medsass.trainer.distributed import DistInfo, all_gather_objects, barrier, setup
 from medsass.trainer.model import build_model
 from medsass.trainer.precision import amp_dtype
@@ -61,7 +62,6 @@ from medsass import configio
 from medsass import manifest as manifest_mod
 from medsass import store as store_mod
 from medsass.errors import ConfigError, StoreError
-from medsass.metrics import iou, mask_counts
 
 SIDECAR_COLUMNS = ("sample_id", "row", "split", "fg_fraction", "mean_confidence", "degenerate")
 
@@ -225,17 +225,6 @@ def relabel(
 
 
 # -- measurement (expert masks: read here only, never fed back) ---------------------------------------
-
-
-def mask_quality(store: str | Path, target: str, rows: np.ndarray) -> dict[str, Any]:
-    """IoU of ``target``'s masks against the expert labels on ``rows`` (labeled ones): mean per image and micro."""
-    rows = np.unique(np.asarray(rows, np.int64))
-    if len(rows) == 0:
-        return {"n": 0, "iou_per_image_mean": None, "iou": None}
-    pred = to_mask(read_rows(ArrayReader(store, target), rows), target_encoding(store, target))
-    label = read_rows(ArrayReader(store, store_mod.LABEL), rows) > 0
-    tp, fp, fn = mask_counts(pred, label).T
-    return {"n": len(rows), "iou_per_image_mean": float(np.mean(iou(tp, fp, fn))), "iou": float(iou(tp.sum(), fp.sum(), fn.sum()))}
 
 
 def labeled_pool_rows(store: str | Path, splits: Sequence[str], target: str | None = None) -> dict[str, np.ndarray]:

@@ -120,6 +120,9 @@ def test_a_joint_fine_tune_runs_resumes_exactly_and_refuses_a_changed_weight(tmp
     assert all(torch.equal(ref["model"][k], resumed["model"][k]) for k in ref["model"])
     logged = [json.loads(x) for x in (tmp_path / "cut" / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
+    # the pool's pseudo-masks were scored against the labels once, at the start (not again on resume)
+    assert [r["step"] for r in logged if "score IoU" in r.get("note", "")] == [0]
+    assert not any("pseudo_weight" in r.get("note", "") for r in map(json.loads, (tmp_path / "plain" / "finetune" / "metrics.jsonl").read_text().splitlines()))
 
     changed = tiny_train_config(tmp_path / "ref", {"syn": store}, finetune={"steps": 4, "checkpoint_every": 2, "pseudo_weight": 0.5},
                                 evaluate={"overlays": 0})
