@@ -105,7 +105,8 @@ def test_recipe_arms_are_named_after_the_arm_and_the_recipe():
 
     assert arm_label("end_to_end+gentle", "main", "main") == "end-to-end + gentle"
     assert arm_label("end_to_end+gentle", "otsu", "main") == "end-to-end (otsu) + gentle"
-    assert arm_label("scratch+gentle", "otsu", "main") == "scratch + gentle"
+    assert arm_label("scratch+gentle", "main", "main") == "scratch + gentle"
+    assert arm_label("scratch+joint", "otsu", "main") == "scratch (otsu) + joint"  # a joint recipe's scratch fits otsu's masks
     assert arm_label("end_to_end", "fov_otsu_hull+sites", "main") == "end-to-end (fov_otsu_hull+sites)"
 
 
@@ -177,3 +178,42 @@ def test_a_joint_recipe_keys_scratch_on_the_pseudo_masks_it_reads(tmp_path):
     assert a[("joint", "scratch")] != b[("joint", "scratch")]  # a joint scratch run fits the pool's pseudo-masks
     assert a[("gentle", "scratch")] == b[("gentle", "scratch")]  # a plain scratch run never reads them
     assert a[("joint", "end_to_end")] != b[("joint", "end_to_end")]
+
+
+def test_a_joint_recipe_runs_scratch_on_each_of_its_targets(tmp_path):
+    # scratch under a joint recipe fits the pool's pseudo-masks: on the recipe's target (here not the main one), in that
+    # target's folder, keyed on its masks; a plain recipe's scratch stays on the main target's store
+    joint = {"name": "joint", "finetune": {"pseudo_weight": 1.0}, "budgets": ["1"], "arms": ["scratch", "end_to_end"],
+             "targets": ["other"]}
+    study, train = load_study(_write(tmp_path, recipes=[joint, GENTLE], other_targets={"arms": ["end_to_end"], "budgets": ["1"]}))
+
+    def jobs(other_digest: str):
+        data = [StudyData("d", {"store": "x.zarr", "other": "y.zarr"}, {}, {}, 10,
+                          digests={"store": "abc", "other": other_digest, "images": "def"})]
+        return {(j.recipe, j.arm): j for j in make_jobs(study, train, data) if j.recipe and j.seed == 0}
+
+    a, b = jobs("o1"), jobs("o2")
+    js = a[("joint", "scratch")]
+    assert js.target == "other" and js.config["stores"]["main"] == "y.zarr" and js.config["finetune"]["init"] == "scratch"
+    assert js.dir.endswith("/d/other/seed0/n001_joint/scratch")
+    assert js.key != b[("joint", "scratch")].key  # the other target's masks are what it fits
+    gs = a[("gentle", "scratch")]
+    assert gs.target == "store" and gs.key == b[("gentle", "scratch")].key
+
+
+def test_a_joint_recipe_from_scratch_is_reported_against_pretrain_then_fine_tune(tmp_path):
+    store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
+    joint = {"name": "joint", "finetune": {"pseudo_weight": 1.0}, "budgets": ["1"], "arms": ["scratch", "end_to_end"]}
+    path = _write(tmp_path, seeds=[0], budgets=["1"], datasets=[{"name": "d", "store": str(store), "targets": ["store"]}],
+                  recipes=[joint], train={
+                      "base": "cpu_small", "model": {"encoder": TINY},
+                      "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
+                      "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
+                      "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
+                      "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False}})
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 0, res.output
+    recipes = (tmp_path / "res" / "table.md").read_text().split("### Fine-tune recipes on the test split")[1].split("###")[0]
+    block = next(b for b in recipes.split("`joint`")[1:] if "| scratch | scratch + joint |" in b)
+    for text in ("scratch + joint − scratch", "scratch + joint − end-to-end |", "scratch + joint − end-to-end, keep_start"):
+        assert text in block, text

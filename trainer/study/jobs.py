@@ -280,7 +280,7 @@ def _recipe_plan(study: Study, d: StudyData, r: RecipeSpec, pre: dict[str, Job],
         raise MedsassError(f"recipes.{r.name}.targets: {unknown} are not targets of {d.name} ({', '.join(d.stores)})")
     plan = []
     for arm in r.arms:
-        for target in (targets if arm in PSEUDO_ARMS else [d.main_target]):
+        for target in r.arm_targets(arm, d.main_target):
             if arm in PSEUDO_ARMS and target not in pre:
                 raise MedsassError(f"recipes.{r.name}: {arm} on {d.name}'s {target} needs its pretraining, which the "
                                    "study does not run: add end_to_end to arms (main target) or other_targets.arms")
@@ -297,7 +297,8 @@ ARM_INIT = {"ssl": "encoder_only", "weights": "scratch", "weights_end_to_end": "
 def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i,
                   w: InitWeights | None = None, recipe: RecipeSpec | None = None) -> Job:
     main = target == d.main_target
-    if arm in ("scratch", "ssl", *WEIGHT_ARMS):
+    joint_scratch = arm == "scratch" and recipe is not None and recipe.fits_pseudo_masks  # fits target's pseudo-masks
+    if arm in ("scratch", "ssl", *WEIGHT_ARMS) and not joint_scratch:
         target = d.main_target
     source = (None if arm in ("scratch", "weights") else ssl_job if arm == "ssl" else
               pre[WEIGHTS_PRE] if arm == "weights_end_to_end" else pre[target])
@@ -305,6 +306,8 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
     out = runs / d.name / (target if arm in PSEUDO_ARMS else arm) / f"seed{seed}" / sub / (arm if arm in PSEUDO_ARMS else "")
     if arm == "weights":
         out = runs / d.name / w.slug / f"seed{seed}" / sub
+    elif joint_scratch and not main:
+        out = runs / d.name / target / f"seed{seed}" / sub / arm
     elif arm == "weights_end_to_end":
         out = Path(source.dir) / sub / "end_to_end"
     cfg = run_config(recipe_train(train, recipe) if recipe else train, d.stores[target], out, seed)

@@ -291,13 +291,16 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
         checked = study.convergence.budgets if study.convergence and r.name in study.convergence.recipes else []
         ns = sorted({budget_count(b, d.n_labeled_train) for b in r.budgets + checked})
         for arm in r.arms:
-            for t in ((r.targets or [main]) if arm in PSEUDO_ARMS else [main]):
+            for t in r.arm_targets(arm, main):
                 var = recipe_arm(arm, r.name)
                 if not any(idx.counts.get(key(var, t, n)) for n in ns):
                     continue
-                cols = [(arm, t), (var, t)] + ([("scratch", main)] if arm != "scratch" else [])
+                cols = [(arm, t if arm in PSEUDO_ARMS else main), (var, t)] + ([("scratch", main)] if arm != "scratch" else [])
                 if arm != "scratch" and "scratch" in r.arms:  # pretraining's effect under the recipe itself
-                    cols.append((recipe_arm("scratch", r.name), main))
+                    cols.append((recipe_arm("scratch", r.name), t if r.fits_pseudo_masks else main))
+                if arm == "scratch" and r.fits_pseudo_masks:  # one joint run from scratch against pretrain-then-fine-tune
+                    cols += [c for c in (("end_to_end", t), ("end_to_end_kept", t))
+                             if any(idx.counts.get(key(*c, n)) for n in ns)]
                 pairs = [((var, t), c) for c in cols if c != (var, t)]
                 block = [f"`{r.name}`: finetune {r.finetune}", "",
                          "| labels | " + " | ".join(arm_label(*c, main) for c in cols) + " | "
@@ -419,7 +422,7 @@ def gap_closed(d: StudyData, idx: Index, budgets: dict[int, list[str]], reps: in
             e = idx.arm((d.name, "test", t, e2e, n, 1), reps)
             if s is None or e is None:
                 continue
-            head = f"- {n} labels: {arm_label(scratch, t, d.main_target)} {s.mean:.3f}, {label} {e.mean:.3f}, {ref}: "
+            head = f"- {n} labels: {arm_label(scratch, d.main_target, d.main_target)} {s.mean:.3f}, {label} {e.mean:.3f}, {ref}: "
             if top.mean - s.mean < min_gap:
                 lines.append(head + f"no gap to close (scratch is within {min_gap} of the all-labels model)")
             else:

@@ -42,7 +42,7 @@ def arm_label(arm: str, target: str, main_target: str) -> str:
     ``ARM+RECIPE``, the recipe's)."""
     base, _, recipe = arm.partition("+")
     name = ARM_NAMES.get(base, base)
-    if base in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot") and target != main_target:
+    if base in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot", "scratch") and target != main_target:
         name = f"{name} ({target})"
     return f"{name} + {recipe}" if recipe else name
 
@@ -188,6 +188,17 @@ class RecipeSpec:
             raise ValueError(f"recipes.{self.name}.arms: {bad or 'empty'}; choose from {', '.join(ARMS)}")
         for b in self.budgets:
             parse_budget(b)
+
+    @property
+    def fits_pseudo_masks(self) -> bool:
+        """A joint recipe (``finetune.pseudo_weight > 0``): every arm fits the pool's pseudo-masks, scratch too, so its
+        scratch runs go on each of ``targets`` like the pseudo-mask arms."""
+        return float(self.finetune.get("pseudo_weight") or 0) > 0
+
+    def arm_targets(self, arm: str, main: str) -> list[str]:
+        """The pseudo-mask targets ``arm`` runs on under this recipe: ``targets`` (or the main one) where the arm reads
+        pseudo-masks, else the main target (whose store it reads for images and labels only)."""
+        return (self.targets or [main]) if arm in PSEUDO_ARMS or (arm == "scratch" and self.fits_pseudo_masks) else [main]
 
 
 @dataclass
