@@ -48,8 +48,8 @@ import zarr
 from medsass.pipeline.methods import FG_HIGH, FG_LOW
 from medsass.trainer import checkpoint as ckpt_mod
 from medsass.trainer.config import TrainConfig
-from medsass.trainer.mask_quality import mask_quality
 from medsass.trainer.distributed import DistInfo, all_gather_objects, barrier, setup
+from medsass.trainer.mask_quality import mask_quality
 from medsass.trainer.model import build_model
 from medsass.trainer.precision import amp_dtype
 from medsass.trainer.records import pseudo_label_sidecar
