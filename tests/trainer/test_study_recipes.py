@@ -37,6 +37,20 @@ def _jobs(tmp_path: Path, **extra):
     return make_jobs(study, train, data)
 
 
+def _run_tiny_study(tmp_path: Path, recipes: list[dict]) -> None:
+    """Run a one-seed, one-label study of ``recipes`` on a synthetic store (2 pretrain and 2 fine-tune steps)."""
+    store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
+    path = _write(tmp_path, seeds=[0], budgets=["1"], datasets=[{"name": "d", "store": str(store), "targets": ["store"]}],
+                  recipes=recipes, train={
+                      "base": "cpu_small", "model": {"encoder": TINY},
+                      "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
+                      "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
+                      "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
+                      "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False}})
+    res = CliRunner().invoke(main, ["study", str(path)])
+    assert res.exit_code == 0, res.output
+
+
 def test_recipe_runs_are_new_keys_beside_the_arms_they_vary(tmp_path):
     base = _jobs(tmp_path)
     jobs = _jobs(tmp_path, recipes=[GENTLE])
@@ -73,16 +87,7 @@ def test_recipes_that_cannot_be_run_are_refused(tmp_path):
 
 
 def test_a_recipe_runs_on_the_arm_s_labels_and_is_reported_against_it(tmp_path):
-    store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
-    path = _write(tmp_path, seeds=[0], budgets=["1"], datasets=[{"name": "d", "store": str(store), "targets": ["store"]}],
-                  recipes=[GENTLE], train={
-                      "base": "cpu_small", "model": {"encoder": TINY},
-                      "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
-                      "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
-                      "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
-                      "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False}})
-    res = CliRunner().invoke(main, ["study", str(path)])
-    assert res.exit_code == 0, res.output
+    _run_tiny_study(tmp_path, [GENTLE])
     rows = list(ledger.read_ledger(tmp_path / "res").values())
     e2e = [r for r in rows if r["kind"] == "finetune" and r["arm"] == "end_to_end"]
     assert len(e2e) == 2 and e2e[0]["labeled_ids"] == e2e[1]["labeled_ids"]
@@ -202,17 +207,8 @@ def test_a_joint_recipe_runs_scratch_on_each_of_its_targets(tmp_path):
 
 
 def test_a_joint_recipe_from_scratch_is_reported_against_pretrain_then_fine_tune(tmp_path):
-    store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
     joint = {"name": "joint", "finetune": {"pseudo_weight": 1.0}, "budgets": ["1"], "arms": ["scratch", "end_to_end"]}
-    path = _write(tmp_path, seeds=[0], budgets=["1"], datasets=[{"name": "d", "store": str(store), "targets": ["store"]}],
-                  recipes=[joint], train={
-                      "base": "cpu_small", "model": {"encoder": TINY},
-                      "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
-                      "finetune": {"steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 1, "label_fraction": None},
-                      "evaluate": {"overlays": 0, "batch_size": 16, "checkpoint": "best"},
-                      "runtime": {"device": "cpu", "num_workers": 0, "threads": 1, "progress": False, "tensorboard": False}})
-    res = CliRunner().invoke(main, ["study", str(path)])
-    assert res.exit_code == 0, res.output
+    _run_tiny_study(tmp_path, [joint])
     recipes = (tmp_path / "res" / "table.md").read_text().split("### Fine-tune recipes on the test split")[1].split("###")[0]
     block = next(b for b in recipes.split("`joint`")[1:] if "| scratch | scratch + joint |" in b)
     for text in ("scratch + joint − scratch", "scratch + joint − end-to-end |", "scratch + joint − end-to-end, keep_start"):
