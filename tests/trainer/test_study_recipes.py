@@ -113,6 +113,10 @@ def test_recipe_arms_are_named_after_the_arm_and_the_recipe():
     assert arm_label("scratch+gentle", "main", "main") == "scratch + gentle"
     assert arm_label("scratch+joint", "otsu", "main") == "scratch (otsu) + joint"  # a joint recipe's scratch fits otsu's masks
     assert arm_label("end_to_end", "fov_otsu_hull+sites", "main") == "end-to-end (fov_otsu_hull+sites)"
+    from medsass.trainer.study.spec import teacher_arm
+
+    assert teacher_arm("scratch", "selftrain") == "scratch+selftrain:teacher"
+    assert arm_label(teacher_arm("scratch", "selftrain"), "otsu", "main") == "scratch (otsu), teacher of selftrain"
 
 
 LONG = {"name": "long", "finetune": {"steps": 4}, "budgets": ["1"], "arms": ["scratch"]}
@@ -213,3 +217,58 @@ def test_a_joint_recipe_from_scratch_is_reported_against_pretrain_then_fine_tune
     block = next(b for b in recipes.split("`joint`")[1:] if "| scratch | scratch + joint |" in b)
     for text in ("scratch + joint − scratch", "scratch + joint − end-to-end |", "scratch + joint − end-to-end, keep_start"):
         assert text in block, text
+
+
+TEACHER = {"name": "selftrain", "finetune": {"pseudo_weight": 1.0}, "budgets": ["1"], "arms": ["scratch", "end_to_end"],
+           "teacher": True}
+
+
+def test_a_teacher_recipe_needs_a_joint_fine_tune(tmp_path):
+    with pytest.raises((ConfigError, ValueError), match="teacher"):
+        load_study(_write(tmp_path, recipes=[{**GENTLE, "teacher": True}]))
+
+
+def test_a_teacher_recipe_is_taught_by_the_arm_s_plain_run_through_a_store_copy(tmp_path):
+    jobs = _jobs(tmp_path, recipes=[TEACHER, {**TEACHER, "name": "joint", "teacher": False}])
+    plain = {(j.arm, j.seed): j for j in jobs if not j.recipe and j.n_labels == 1}
+    taught = [j for j in jobs if j.recipe == "selftrain"]
+    joint = {(j.arm, j.seed): j for j in jobs if j.recipe == "joint"}
+    assert sorted((j.arm, j.seed) for j in taught) == [("end_to_end", 0), ("end_to_end", 1), ("scratch", 0), ("scratch", 1)]
+    for j in taught:
+        p = plain[(j.arm, j.seed)]
+        assert j.teacher["key"] == p.key and j.teacher["store"] == p.config["stores"]["main"] == "x.zarr"
+        # the teacher is the plain run's config, trained again inside this run's folder
+        assert j.teacher["config"] == {**p.config, "out_dir": f"{j.dir}/teacher"}
+        assert j.config["stores"]["main"] == f"{j.dir}/pool.zarr" and j.config["pretrain"]["target"] == "pseudo_labels/teacher"
+        assert j.needs == p.needs and j.config["finetune"]["pretrained"] == p.config["finetune"]["pretrained"]
+        assert j.key != joint[(j.arm, j.seed)].key  # the same finetune keys as a joint recipe, other targets
+
+
+def test_a_teacher_recipe_runs_end_to_end_and_is_reported_against_its_teacher(tmp_path):
+    _run_tiny_study(tmp_path, [TEACHER])
+    rows = ledger.read_ledger(tmp_path / "res")
+    taught = [r for r in rows.values() if r.get("recipe") == "selftrain"]
+    assert sorted(r["arm"] for r in taught) == ["end_to_end", "scratch"]
+    for r in taught:
+        t = r["teacher"]
+        assert t["labeled_ids"] == r["labeled_ids"] and len(t["evals"]["test"]["counts"]) == len(r["evals"]["test"]["counts"])
+        assert 0.0 <= t["pool_agreement"]["iou"] <= 1.0 and t["pool_agreement"]["n"] > 0
+        plain = next(p for p in rows.values() if not p.get("recipe") and p["arm"] == r["arm"] and p["kind"] == "finetune")
+        assert t["key"] == plain["key"] and t["labeled_ids"] == plain["labeled_ids"]
+    pools = sorted((tmp_path / "out").rglob("pool.zarr"))
+    assert len(pools) == 2 and not list((tmp_path / "out").rglob("pool.zarr.partial"))
+    for pool in pools:  # the teacher's labels: its predictions on the pool (train, val), never on test
+        import zarr
+        from medsass.manifest import read_manifest
+        labels = zarr.open_group(str(pool), mode="r")["pseudo_labels/teacher"][:]
+        df = read_manifest(pool)
+        test_rows = df.loc[(df["split"] == "test") & (df["row"] >= 0), "row"].to_numpy()
+        assert labels[test_rows].sum() == 0 and set(map(int, labels.ravel())) <= {0, 1}
+    recipes = (tmp_path / "res" / "table.md").read_text().split("### Fine-tune recipes on the test split")[1].split("###")[0]
+    assert "scratch + selftrain − scratch, teacher of selftrain" in recipes
+    assert "end-to-end + selftrain − end-to-end, teacher of selftrain" in recipes
+    # run again: everything is in the ledger, nothing reruns
+    before = (tmp_path / "res" / "results.jsonl").read_text()
+    res = CliRunner().invoke(main, ["study", str(tmp_path / "s.yaml")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "res" / "results.jsonl").read_text() == before

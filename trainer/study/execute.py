@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import multiprocessing as mp
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
@@ -23,13 +24,17 @@ from typing import Any
 
 import medsass
 from medsass.trainer.config import load_config
+from medsass.trainer.mask_quality import pool_agreement
+from medsass.trainer.records import select_rows
 from medsass.trainer.run import plan_run, run_stages
 from medsass.trainer.study import ledger
-from medsass.trainer.study.jobs import Job, adopted_reruns, partner_runs, start_from, twin_realizations
+from medsass.trainer.selftrain import relabel
+from medsass.trainer.study.jobs import TEACHER_LABELS, Job, adopted_reruns, partner_runs, start_from, twin_realizations
 from medsass.trainer.study.ledger import reproduces
 from medsass.trainer.study.spec import SSLSpec
 from medsass.trainer.suggest import suggest
 
+from medsass.errors import MedsassError
 from medsass.manifest import read_json, read_manifest, write_json
 from medsass.metrics import micro_iou
 
@@ -38,6 +43,7 @@ COUNT_KEYS = ("tp", "fp", "fn")
 
 def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, Any]:
     """Run one job (finished stages are skipped by the trainer) and return its ledger row."""
+    teacher = _teach(job, ssl_spec, keep_final) if job.teacher is not None else None
     cfg = load_config(job.config)
     row: dict[str, Any] = {
         "key": job.key, "kind": job.kind, "dataset": job.dataset, "target": job.target, "arm": job.arm, "seed": job.seed,
@@ -49,6 +55,8 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
         row["recipe"] = job.recipe
     if job.init_weights is not None:  # the init_weights this run starts from (a file: its sha256), directly or via pretraining
         row["init_weights"] = job.init_weights
+    if teacher is not None:
+        row["teacher"] = teacher
     t0 = time.time()
     if job.kind == "ssl":
         from medsass.trainer.study.ssl import run_ssl  # lazy: lightly (and pytorch_lightning) take ~4 s to import
@@ -63,6 +71,9 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
     if job.kind == "finetune":
         ids = _sample_ids(cfg.stores["main"])
         row["labeled_ids"] = sorted(ids[int(r)] for r in plan_run(cfg, ["finetune"])[0].rows["main"])
+        if teacher is not None and teacher["labeled_ids"] != row["labeled_ids"]:
+            raise MedsassError(f"{job.label}: its teacher was fine-tuned on other labeled images ({teacher['labeled_ids']}) "
+                               f"than this run ({row['labeled_ids']}); the two must share them")
         train_stage = "finetune"
     else:
         train_stage = "pretrain"
@@ -86,6 +97,32 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
     if job.kind == "finetune" and not keep_final:
         (Path(job.dir) / "finetune" / "final.pt").unlink(missing_ok=True)
     return row
+
+
+def _teach(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> dict[str, Any]:
+    """A teacher recipe's first part: the arm's plain fine-tune (``<dir>/teacher``, resumed like any run), then a copy
+    of the store whose pool records (train and val, never test) carry the teacher's predictions (p >= 0.5 of its best
+    val checkpoint) as ``pseudo_labels/teacher``, which the joint fine-tune fits beside the labeled batch. The copy is
+    made under a temporary name and renamed when complete, so an interruption never leaves half a set of labels.
+    Returns the teacher's scores (test, sites), its labeled images, times, and its labels' IoU on the pool's
+    labeled records (a measurement only)."""
+    teacher = job.teacher
+    tjob = replace(job, dir=teacher["config"]["out_dir"], config=teacher["config"], teacher=None, recipe=None, aliases=[])
+    trow = run_job(tjob, ssl_spec, keep_final)
+    pool = Path(job.config["stores"]["main"])
+    t0 = time.time()
+    if not pool.exists():
+        tmp = pool.with_name(pool.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(teacher["store"], tmp)
+        relabel(tmp, Path(tjob.dir) / "finetune" / "best.pt", TEACHER_LABELS, splits=job.config["pretrain"]["splits"],
+                mode="hard", threshold=0.5)
+        tmp.rename(pool)
+    pool_rows = select_rows(pool, splits=job.config["pretrain"]["splits"], target=job.config["pretrain"]["target"])
+    agreement = pool_agreement({"main": pool}, {"main": pool_rows}, job.config["pretrain"]["target"])
+    return {"key": teacher["key"], "evals": trow["evals"], "labeled_ids": trow["labeled_ids"],
+            "train_metrics": trow["train_metrics"], "seconds": {**trow["seconds"], "relabel": round(time.time() - t0, 1)},
+            "pool_agreement": {k: agreement[k] for k in ("iou", "iou_per_image_mean", "n")}}
 
 
 def _suggest(job: Job, cfg) -> None:

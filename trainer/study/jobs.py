@@ -90,6 +90,9 @@ class Job:
     # (recipe, steps_factor) under which the same work is also reported: a run of the grid that another part of the
     # study asks for too (e.g. a recipe of 2x the steps, and the convergence check's 2x-steps run), run once
     aliases: list[tuple[str | None, int]] = field(default_factory=list)
+    # a teacher recipe's run: {"config": the arm's plain fine-tune (out_dir <dir>/teacher), "key": that run's key in
+    # the grid, "store": the store copied to config.stores.main (<dir>/pool.zarr) before the teacher's labels go in}
+    teacher: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -333,10 +336,23 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
         tier = "convergence"  # both the long run and the run it checks
     else:
         tier = arm if main else "other_target"
+    teacher = None
+    if recipe is not None and recipe.teacher:  # the pool's targets: the plain fine-tune's predictions, in a store copy
+        plain = _finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i, w)
+        teacher = {"config": {**plain.config, "out_dir": str(out / "teacher")}, "key": plain.key, "store": cfg["stores"]["main"]}
+        cfg["stores"]["main"] = str(out / TEACHER_STORE)
+        cfg["pretrain"]["target"] = f"pseudo_labels/{TEACHER_LABELS}"
+        ident = {**_identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=reads_pseudo),
+                             source=source.key if source else None), "teacher": plain.key}
     return Job("finetune", d.name, target, arm, seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                steps_factor=factor, needs=source.key if source else None, sites=d.sites, site_splits=d.site_splits,
                priority=_priority(tier, seed, d_i, n, factor), init_weights=w.ident if w and arm in WEIGHT_ARMS else None,
-               recipe=recipe.name if recipe else None)
+               recipe=recipe.name if recipe else None, teacher=teacher)
+
+
+# a teacher recipe's run: the copy of its store that holds the teacher's labels, and their name there
+TEACHER_STORE = "pool.zarr"
+TEACHER_LABELS = "teacher"
 
 
 def strategy_targets(st, d: StudyData) -> list[str]:
@@ -385,7 +401,7 @@ def start_from(job: Job, start: Job) -> Job:
     left in its folder are never resumed as this run's."""
     home = f"{job.dir}@rerun{start.realization}"
     return replace(job, identity={**job.identity, "source": start.key}, needs=start.key, dir=home,
-                   config=_rehome(job.config, job.dir, home))
+                   config=_rehome(job.config, job.dir, home), teacher=_rehome(job.teacher, job.dir, home))
 
 
 def _rehome(data: Any, old: str, new: str) -> Any:
@@ -431,7 +447,8 @@ def partner_runs(jobs: list[Job], moving: list[Job], starts: dict[str, Job], don
     """The ledger runs (keys in ``done``) of the grid's arms that a strategy or recipe run in ``moving`` (runs to do,
     before they move to the rerun ``starts[needs]``) is compared with: same start, seed, arm and budget; each again
     from the rerun, with ``partner_of`` naming the moved runs it pairs with. ``twins``: rerun key -> the realization
-    it reproduced (0: the original; :func:`twin_realizations`); a run done from that one is its partner already."""
+    it reproduced (0: the original; :func:`twin_realizations`); a run done from that one is its partner already.
+    A teacher recipe's run needs none: its teacher is that arm's run from the same start, trained inside it."""
     twins = twins or {}
 
     def has_twin(j: Job) -> bool:  # and its partner is not run already (a run in the ledger stays in the plan)
@@ -445,7 +462,7 @@ def partner_runs(jobs: list[Job], moving: list[Job], starts: dict[str, Job], don
             return ()
         return tuple(start_from(m, starts[m.needs]).key for m in moving
                      if m.needs == j.needs and m.seed == j.seed and m.arm == j.arm and m.steps_factor == j.steps_factor
-                     and (m.strategy or m.recipe) and set(m.budgets) & set(j.budgets))
+                     and (m.strategy or m.recipe) and m.teacher is None and set(m.budgets) & set(j.budgets))
 
     return [replace(start_from(j, starts[j.needs]), partner_of=v) for j in jobs if (v := variants(j))]
 

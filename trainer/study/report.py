@@ -19,7 +19,7 @@ from medsass.trainer.study import ledger
 from medsass.trainer.study.jobs import Job, StudyData, strategy_targets, twin_realizations
 from medsass.trainer.study.plot import plot_dataset, plot_strategies
 from medsass.trainer.study.spec import (ARM_NAMES, PSEUDO_ARMS, WEIGHT_ARMS, Study, arm_label, budget_count, budget_counts,
-                                        recipe_arm)
+                                        recipe_arm, teacher_arm)
 from medsass.trainer.study.stats import MIN_SEEDS_BOLD, Estimate, estimate, micro_iou, paired_difference
 from medsass.trainer.study.stores import prep_seconds
 
@@ -59,6 +59,10 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
                 for recipe, factor in job.names:
                     out.append({**base, "arm": recipe_arm(job.arm, recipe), "steps_factor": factor,
                                 "counts": np.array(ev["counts"])})
+        teacher = row.get("teacher") or {}
+        for where, ev in teacher.get("evals", {}).items():  # a teacher recipe's run: its teacher, trained in the run
+            out.append({**common, "key": teacher["key"], "labeled_ids": teacher["labeled_ids"], "seconds": teacher["seconds"],
+                        "eval": where, "ids": ev["ids"], "arm": teacher_arm(job.arm, job.recipe), "counts": np.array(ev["counts"])})
         out += [{**common, **e} for e in kept_start(row, rows.get(job.needs or ""), job)]
     return out
 
@@ -296,13 +300,17 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
                 if not any(idx.counts.get(key(var, t, n)) for n in ns):
                     continue
                 cols = [(arm, t if arm in PSEUDO_ARMS else main), (var, t)] + ([("scratch", main)] if arm != "scratch" else [])
+                if r.teacher:  # the run against its own teacher (the plain fine-tune it was taught by, same start and labels)
+                    cols.insert(2, (teacher_arm(arm, r.name), t))
                 if arm != "scratch" and "scratch" in r.arms:  # pretraining's effect under the recipe itself
                     cols.append((recipe_arm("scratch", r.name), t if r.fits_pseudo_masks else main))
                 if arm == "scratch" and r.fits_pseudo_masks:  # one joint run from scratch against pretrain-then-fine-tune
                     cols += [c for c in (("end_to_end", t), ("end_to_end_kept", t))
                              if any(idx.counts.get(key(*c, n)) for n in ns)]
                 pairs = [((var, t), c) for c in cols if c != (var, t)]
-                block = [f"`{r.name}`: finetune {r.finetune}", "",
+                teacher = (", the pool's targets its teacher's predictions (the arm's plain fine-tune, trained again in "
+                           "the run)") if r.teacher else ""
+                block = [f"`{r.name}`: finetune {r.finetune}{teacher}", "",
                          "| labels | " + " | ".join(arm_label(*c, main) for c in cols) + " | "
                          + " | ".join(f"{arm_label(*a, main)} − {arm_label(*b, main)}" for a, b in pairs) + " |",
                          "|---:|" + "---:|" * (len(cols) + len(pairs))]

@@ -37,13 +37,24 @@ def recipe_arm(arm: str, recipe: str | None) -> str:
     return f"{arm}+{recipe}" if recipe else arm
 
 
+def teacher_arm(arm: str, recipe: str) -> str:
+    """The report's arm of the teachers of a teacher recipe's runs (``scratch+selftrain:teacher``): the arm's plain
+    fine-tune, trained again inside each run."""
+    return f"{arm}+{recipe}{TEACHER_SUFFIX}"
+
+
+TEACHER_SUFFIX = ":teacher"
+
+
 def arm_label(arm: str, target: str, main_target: str) -> str:
     """How tables and plots name an arm (pseudo-mask arms of another target carry the target's name; a recipe's runs,
-    ``ARM+RECIPE``, the recipe's)."""
+    ``ARM+RECIPE``, the recipe's; a teacher recipe's teachers, ``ARM+RECIPE:teacher``, say so)."""
     base, _, recipe = arm.partition("+")
     name = ARM_NAMES.get(base, base)
     if base in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot", "scratch") and target != main_target:
         name = f"{name} ({target})"
+    if recipe.endswith(TEACHER_SUFFIX):
+        return f"{name}, teacher of {recipe[:-len(TEACHER_SUFFIX)]}"
     return f"{name} + {recipe}" if recipe else name
 
 
@@ -173,6 +184,10 @@ class RecipeSpec:
     budgets: list[str] = field(default_factory=lambda: ["1", "2", "5"])
     targets: list[str] = field(default_factory=list)  # pseudo-mask targets of the pseudo-mask arms; [] = the main one
     datasets: list[str] = field(default_factory=list)  # [] = every dataset of the study
+    # self-training with a teacher (a joint recipe only): the pool's targets are not the pseudo-masks but the
+    # predictions (p >= 0.5) of the same arm's plain fine-tune (same start, labels and seed; trained again in the
+    # run's folder teacher/), its best val checkpoint, written to a copy of the store (pool.zarr in the run's folder)
+    teacher: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -188,6 +203,9 @@ class RecipeSpec:
             raise ValueError(f"recipes.{self.name}.arms: {bad or 'empty'}; choose from {', '.join(ARMS)}")
         for b in self.budgets:
             parse_budget(b)
+        if self.teacher and not self.fits_pseudo_masks:
+            raise ValueError(f"recipes.{self.name}.teacher: the teacher's labels are fitted beside the labeled batch by a "
+                             "joint fine-tune: set finetune.pseudo_weight > 0 (e.g. 1.0), or teacher: false")
 
     @property
     def fits_pseudo_masks(self) -> bool:
