@@ -115,7 +115,7 @@ def test_recipe_arms_are_named_after_the_arm_and_the_recipe():
     assert arm_label("end_to_end", "fov_otsu_hull+sites", "main") == "end-to-end (fov_otsu_hull+sites)"
     from medsass.trainer.study.spec import teacher_arm
 
-    assert teacher_arm("scratch", "selftrain") == "scratch+selftrain:teacher"
+    assert teacher_arm("scratch", "selftrain") == "scratch+selftrain/teacher"
     assert arm_label(teacher_arm("scratch", "selftrain"), "otsu", "main") == "scratch (otsu), teacher of selftrain"
 
 

@@ -38,17 +38,17 @@ def recipe_arm(arm: str, recipe: str | None) -> str:
 
 
 def teacher_arm(arm: str, recipe: str) -> str:
-    """The report's arm of the teachers of a teacher recipe's runs (``scratch+selftrain:teacher``): the arm's plain
+    """The report's arm of the teachers of a teacher recipe's runs (``scratch+selftrain/teacher``): the arm's plain
     fine-tune, trained again inside each run."""
     return f"{arm}+{recipe}{TEACHER_SUFFIX}"
 
 
-TEACHER_SUFFIX = ":teacher"
+TEACHER_SUFFIX = "/teacher"
 
 
 def arm_label(arm: str, target: str, main_target: str) -> str:
     """How tables and plots name an arm (pseudo-mask arms of another target carry the target's name; a recipe's runs,
-    ``ARM+RECIPE``, the recipe's; a teacher recipe's teachers, ``ARM+RECIPE:teacher``, say so)."""
+    ``ARM+RECIPE``, the recipe's; a teacher recipe's teachers, ``ARM+RECIPE/teacher``, say so)."""
     base, _, recipe = arm.partition("+")
     name = ARM_NAMES.get(base, base)
     if base in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot", "scratch") and target != main_target:
