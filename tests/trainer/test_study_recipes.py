@@ -116,7 +116,8 @@ def test_recipe_arms_are_named_after_the_arm_and_the_recipe():
     from medsass.trainer.study.spec import teacher_arm
 
     assert teacher_arm("scratch", "selftrain") == "scratch+selftrain/teacher"
-    assert arm_label(teacher_arm("scratch", "selftrain"), "otsu", "main") == "scratch (otsu), teacher of selftrain"
+    assert arm_label(teacher_arm("scratch", "selftrain"), "otsu", "main") == "scratch, teacher of selftrain"  # plain scratch
+    assert arm_label(teacher_arm("end_to_end", "selftrain"), "otsu", "main") == "end-to-end (otsu), teacher of selftrain"
 
 
 LONG = {"name": "long", "finetune": {"steps": 4}, "budgets": ["1"], "arms": ["scratch"]}

@@ -51,9 +51,11 @@ def arm_label(arm: str, target: str, main_target: str) -> str:
     ``ARM+RECIPE``, the recipe's; a teacher recipe's teachers, ``ARM+RECIPE/teacher``, say so)."""
     base, _, recipe = arm.partition("+")
     name = ARM_NAMES.get(base, base)
-    if base in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot", "scratch") and target != main_target:
+    teacher = recipe.endswith(TEACHER_SUFFIX)
+    if (base in ("end_to_end", "end_to_end_kept", "encoder_only", "floor", "zero_shot", "scratch") and target != main_target
+            and not (teacher and base == "scratch")):  # scratch's teacher is a plain scratch run: no pseudo-masks read
         name = f"{name} ({target})"
-    if recipe.endswith(TEACHER_SUFFIX):
+    if teacher:
         return f"{name}, teacher of {recipe[:-len(TEACHER_SUFFIX)]}"
     return f"{name} + {recipe}" if recipe else name
 
