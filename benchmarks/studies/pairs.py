@@ -36,6 +36,8 @@ def main() -> None:
                     "convergence check's runs) [1]")
     ap.add_argument("--b-steps-factor", type=int, default=None,
                     help="the subtrahend's, where it differs: e.g. a model against scratch fine-tuned 2x as long")
+    ap.add_argument("--errors", action="store_true", help="also each arm's false positives and false negatives per "
+                    "seed, as shares of the true foreground (micro: pixels summed over the eval's images)")
     args = ap.parse_args()
 
     study, train = load_study(str(args.study), [])
@@ -64,6 +66,15 @@ def main() -> None:
             seeds_txt = ", ".join(f"seed {s} {micro_iou(x) - micro_iou(y):+.4f}" for s, (x, y) in per_seed)
             print(f"{where} {n} labels: {args.a} − {args.b} = {e.mean:+.3f} [{e.lo:+.3f}, {e.hi:+.3f}] "
                   f"({e.n_seeds} seed{'s' if e.n_seeds > 1 else ''}; {seeds_txt})")
+            if args.errors:
+                for name, k in ((args.a, a), (args.b, b)):
+                    print(f"    {name}: " + "; ".join(f"seed {s} {_errors(x if k == a else y)}" for s, (x, y) in per_seed))
+
+
+def _errors(counts) -> str:
+    """False positives and false negatives as shares of the true foreground, from (tp, fp, fn) rows."""
+    tp, fp, fn = (float(v) for v in counts.sum(0))
+    return f"FP {fp / (tp + fn):.3f}, FN {fn / (tp + fn):.3f}"
 
 
 if __name__ == "__main__":
