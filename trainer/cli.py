@@ -376,14 +376,17 @@ def suggest_cmd(run_or_checkpoint: str, store: str, n: int, strategy: str, seed:
 @_set_opt
 @click.option("--rounds", type=click.IntRange(min=1), default=None, help="Re-label + pretrain rounds [selftrain.rounds].")
 @click.option("--name", default=None, help="Round r writes pseudo_labels/<NAME>_r<r> [selftrain.name].")
-def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, name: str | None) -> None:
+@click.option("--label-only", is_flag=True, help="Only write pseudo_labels/<NAME>_r1 from selftrain.source (e.g. a "
+              "fine-tuned RUN/finetune/best.pt, with selftrain.threshold=0.5); train nothing. A joint fine-tune then "
+              "fits them: pretrain.target=pseudo_labels/<NAME>_r1 finetune.pseudo_weight=1.")
+def selftrain_cmd(config: str, overrides: tuple[str, ...], rounds: int | None, name: str | None, label_only: bool) -> None:
     """Self-training: re-label the train (and val) pool with the pretrained model, pretrain again, N rounds."""
     with _training_command():
         from medsass.trainer.distributed import leave, teardown
         from medsass.trainer.selftrain import run_selftrain
 
         try:
-            result = run_selftrain(_load(config, overrides), rounds=rounds, name=name)
+            result = run_selftrain(_load(config, overrides), rounds=rounds, name=name, label_only=label_only)
         finally:
             teardown()
     if os.environ.get("RANK", "0") == "0":

@@ -3,6 +3,7 @@
 ::
 
     medsass-train selftrain CONFIG [--rounds N] [--name NAME] [--set key=value ...]
+    medsass-train selftrain CONFIG --label-only --set selftrain.source=RUN/finetune/best.pt selftrain.threshold=0.5
 
 Round r (1..N) takes the model of round r-1 (round 0: the config's pretrain run, trained first if
 missing, or ``selftrain.source``), predicts every stored record of the pretrain splits (train, and
@@ -26,6 +27,10 @@ into ``<out_dir>/selftrain/<name>_r<r>/`` and scored zero-shot on ``evaluate.spl
 Expert masks are read only by :func:`~medsass.trainer.mask_quality.mask_quality`, which *measures* the new pseudo-labels;
 nothing they give is fed back. New labels with a foreground fraction outside
 [``min_fg``, ``max_fg``] are flagged degenerate and left out of the next pretrain.
+
+``--label-only`` writes round 1's labels from ``selftrain.source`` and stops: no pretraining. With a fine-tuned
+model as the source that is self-training with the labels the user has; a joint fine-tune
+(``finetune.pseudo_weight``) then fits them beside the labeled batch.
 
 Provenance: ``attrs['medsass']['pseudo_labels'][name]`` of the store (source checkpoint and its
 sha256, round, rule, parent target, date, versions, counts) and the sidecar table
@@ -244,16 +249,29 @@ def label_name(prefix: str, round: int) -> str:
     return f"{prefix}_r{round}"
 
 
-def run_selftrain(config, *, rounds: int | None = None, name: str | None = None) -> dict[str, Any]:
+def run_selftrain(config, *, rounds: int | None = None, name: str | None = None, label_only: bool = False) -> dict[str, Any]:
     """Round 0 (the pretrain run), then ``rounds`` x (re-label, pretrain, zero-shot evaluate).
 
     Returns (and writes to ``<out_dir>/selftrain/<name>.json``) one entry per round: its target,
     checkpoint, pseudo-label IoU against the expert labels on the labeled pool records (measurement
     only) beside its parent's, degenerate counts, and the zero-shot metrics on ``evaluate.splits``.
+
+    ``label_only``: one re-labelling from ``selftrain.source`` (required), no pretraining: e.g. the pool labelled
+    by a fine-tuned model, for a joint fine-tune to fit (``pretrain.target: pseudo_labels/<name>_r1``,
+    ``finetune.pseudo_weight > 0``; the scale study's ``selftrain`` recipe).
     """
     st = config.selftrain
+    rounds_asked = rounds
     rounds, prefix = rounds or st.rounds, name or st.name
     configio.load(type(st), {**configio.to_dict(st), "rounds": rounds, "name": prefix})  # validate the CLI values
+    if label_only:
+        if st.source is None:
+            raise ConfigError("--label-only writes the pool's labels from selftrain.source and trains nothing: set "
+                              "selftrain.source to the checkpoint whose predictions become the labels (e.g. "
+                              "RUN/finetune/best.pt, with selftrain.threshold=0.5 for a fine-tuned model)")
+        if rounds_asked not in (None, 1):
+            raise ConfigError(f"--label-only writes one round of labels; drop --rounds {rounds_asked} (or --label-only)")
+        rounds = 1
     root = Path(config.out_dir)
     stores = {n: Path(config.stores[n]) for n in config.stage_stores("pretrain")}
     splits = list(config.pretrain.splits)
@@ -277,6 +295,10 @@ def run_selftrain(config, *, rounds: int | None = None, name: str | None = None)
                                round=r, min_fg=st.min_fg, max_fg=st.max_fg, batch_size=config.evaluate.batch_size, dist=dist, amp=amp)
             rules[store_name] = prov["rule"]
         target = f"{store_mod.PSEUDO_GROUP}/{label}"
+        if label_only:
+            history.append({"round": r, "target": target, "parent": parent, "checkpoint": None, "rule": rules,
+                            "stores": _quality(stores, target, splits, parent=parent), "zero_shot": None})
+            break
         data = configio.to_dict(config)
         data["out_dir"] = str(root / "selftrain" / label)
         data["pretrain"]["target"] = target

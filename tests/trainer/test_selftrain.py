@@ -181,6 +181,39 @@ def test_selftrain_cli_second_round_pretrains_on_round_one_labels(tmp_path):
     assert provenance(path, "it_r2") == prov2
 
 
+def test_label_only_writes_the_source_s_labels_and_trains_nothing(tmp_path, ckpt):
+    path = make_synthetic_store(tmp_path / "s.zarr", n=N, size=SIZE, shard_records=SHARD)
+    cfg = {
+        "out_dir": str(tmp_path / "out"), "stores": {"syn": str(path)}, "model": {"encoder": TINY_ENCODER},
+        "pretrain": {"steps": 2, "batch_size": 4, "splits": ["train", "val"]},
+        "evaluate": {"batch_size": 16, "overlays": 0},
+        "selftrain": {"evaluate": False, "threshold": 0.5},
+        "runtime": {"num_workers": 0, "progress": False, "threads": 1, "tensorboard": False},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["selftrain", str(tmp_path / "cfg.yaml"), "--name", "ft", "--label-only"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0 and "selftrain.source" in refused.output  # from which model: it must be named
+    too_many = CliRunner().invoke(main, [*args, "--rounds", "2", "--set", f"selftrain.source={ckpt}"])
+    assert too_many.exit_code != 0 and "--rounds 2" in too_many.output
+    result = CliRunner().invoke(main, [*args, "--set", f"selftrain.source={ckpt}"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "round 1 pseudo_labels/ft_r1" in result.output
+    prov = provenance(path, "ft_r1")
+    assert prov["source_checkpoint"] == str(ckpt.resolve()) and prov["rule"]["threshold"] == 0.5
+    assert not (tmp_path / "out" / "pretrain").exists() and not (tmp_path / "out" / "selftrain" / "ft_r1").exists()
+    # the labels are the source's predictions, p >= 0.5, on the pool (train, val) and 0 elsewhere
+    pool = pool_rows(path, ["train", "val"])["row"].to_numpy()
+    model, _ = load_model(ckpt, torch.device("cpu"))
+    images = np.asarray(zarr.open_array(str(path / "image"), mode="r")[:])
+    labels = np.asarray(zarr.open_array(str(path / "pseudo_labels" / "ft_r1"), mode="r")[:])
+    expected = (probabilities(model, images[pool], device=torch.device("cpu")) >= 0.5).astype(np.uint8)
+    assert np.array_equal(labels[pool], expected)
+    assert labels[np.setdiff1d(np.arange(len(labels)), pool)].sum() == 0
+    again = CliRunner().invoke(main, [*args, "--set", f"selftrain.source={ckpt}"], catch_exceptions=False)
+    assert again.exit_code == 0 and provenance(path, "ft_r1") == prov  # resumed: the same labels, not re-written
+
+
 def test_config_checks_and_unchanged_sections():
     base = {"out_dir": "x", "stores": {"s": "x"}}
     with pytest.raises(ConfigError, match="selftrain.threshold"):
