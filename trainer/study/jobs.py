@@ -325,8 +325,15 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
     cfg["evaluate"]["checkpoint"] = "best"
     # a joint fine-tune (finetune.pseudo_weight > 0) reads the pool's pseudo-masks on every arm, scratch too
     reads_pseudo = arm in (*PSEUDO_ARMS, "weights_end_to_end") or float(fc.get("pseudo_weight") or 0) > 0
+    teacher, extra = None, {}
+    if recipe is not None and recipe.teacher:  # the pool's targets: the plain fine-tune's predictions, in a store copy
+        plain = _finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i, w)
+        teacher = {"config": {**plain.config, "out_dir": str(out / "teacher")}, "key": plain.key, "store": cfg["stores"]["main"]}
+        cfg["stores"]["main"] = str(out / TEACHER_STORE)
+        cfg["pretrain"]["target"] = f"pseudo_labels/{TEACHER_LABELS}"
+        extra = {"teacher": plain.key}
     ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=reads_pseudo),
-                      source=source.key if source else None)
+                      source=source.key if source else None, **extra)
     if arm == "weights":
         ident = _weights_identity(ident, w)
     conv = study.convergence
@@ -336,14 +343,6 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
         tier = "convergence"  # both the long run and the run it checks
     else:
         tier = arm if main else "other_target"
-    teacher = None
-    if recipe is not None and recipe.teacher:  # the pool's targets: the plain fine-tune's predictions, in a store copy
-        plain = _finetune_job(study, train, d, target, arm, seed, n, names, factor, pre, ssl_job, runs, data_id, d_i, w)
-        teacher = {"config": {**plain.config, "out_dir": str(out / "teacher")}, "key": plain.key, "store": cfg["stores"]["main"]}
-        cfg["stores"]["main"] = str(out / TEACHER_STORE)
-        cfg["pretrain"]["target"] = f"pseudo_labels/{TEACHER_LABELS}"
-        ident = {**_identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=reads_pseudo),
-                             source=source.key if source else None), "teacher": plain.key}
     return Job("finetune", d.name, target, arm, seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                steps_factor=factor, needs=source.key if source else None, sites=d.sites, site_splits=d.site_splits,
                priority=_priority(tier, seed, d_i, n, factor), init_weights=w.ident if w and arm in WEIGHT_ARMS else None,
