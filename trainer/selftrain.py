@@ -158,6 +158,7 @@ def relabel(
     _, info = store_mod.open_store(store)
     pool = pool_rows(store, splits)
     _check_new_name(store, name)
+    model, ck = load_model(checkpoint, dist.device)  # before anything is written: a bad checkpoint leaves no array behind
     path = f"{store_mod.PSEUDO_GROUP}/{name}"
     encoding = BINARY if mode == "hard" else PROBABILITY
     if dist.is_main:
@@ -166,7 +167,6 @@ def relabel(
         arr.attrs[store_mod.ATTRS_KEY] = {"encoding": encoding, "round": round, "mode": mode}
     barrier(dist)
     group = zarr.open_group(str(store), mode="a", use_consolidated=False)
-    model, ck = load_model(checkpoint, dist.device)
     reader = ArrayReader(store, store_mod.IMAGE)
     rows_all = pool["row"].to_numpy(np.int64)
     mine = [(a, b, rows) for k in range(dist.rank, info.n_shards, dist.world_size)

@@ -196,6 +196,9 @@ def test_label_only_writes_the_source_s_labels_and_trains_nothing(tmp_path, ckpt
     assert refused.exit_code != 0 and "selftrain.source" in refused.output  # from which model: it must be named
     too_many = CliRunner().invoke(main, [*args, "--rounds", "2", "--set", f"selftrain.source={ckpt}"])
     assert too_many.exit_code != 0 and "--rounds 2" in too_many.output
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    bad = CliRunner().invoke(main, [*args, "--set", f"selftrain.source={tmp_path / 'bad.pt'}"])
+    assert bad.exit_code != 0 and "bad.pt" in bad.output  # named, and nothing left behind that blocks the re-run
     result = CliRunner().invoke(main, [*args, "--set", f"selftrain.source={ckpt}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "round 1 pseudo_labels/ft_r1" in result.output
