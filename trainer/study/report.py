@@ -222,8 +222,9 @@ def dataset_section(study: Study, d: StudyData, idx: Index, budgets: dict[int, l
     if study.init_weights:  # init weights vs scratch, what pseudo-mask pretraining adds to them, and vs it from scratch
         extra = [(("weights", main), ("scratch", main)), (("weights_end_to_end", main), ("weights", main)),
                  (("weights_end_to_end", main), ("end_to_end", main)), (("end_to_end", main), ("weights", main))]
-        pairs += [p for p in extra if all(any(idx.counts.get(key(*arm, n)) for n in budgets) for arm in p)]
-    pairs = [p for p in pairs if any(idx.counts.get(key(p[0][0], p[0][1], n)) for n in budgets)]
+        pairs += extra
+    # a column needs runs of both arms (a study without SimCLR or encoder-only shows no empty columns for them)
+    pairs = [p for p in pairs if all(any(idx.counts.get(key(*arm, n)) for n in budgets) for arm in p)]
     if pairs:
         lines += ["", "Paired differences (seed-mean micro IoU, 95% bootstrap interval over test images and seeds; "
                   f"**bold**: the interval excludes 0 with >= {MIN_SEEDS_BOLD} seeds; (k): only k seeds, so the interval "
