@@ -273,3 +273,76 @@ def test_a_teacher_recipe_runs_end_to_end_and_is_reported_against_its_teacher(tm
     res = CliRunner().invoke(main, ["study", str(tmp_path / "s.yaml")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "res" / "results.jsonl").read_text() == before
+
+
+RELABEL = {"name": "relabel", "relabel": True, "budgets": ["1", "2"]}
+
+
+def test_a_relabel_recipe_needs_a_pretrained_arm_and_a_plain_fine_tune(tmp_path):
+    load_study(_write(tmp_path, recipes=[RELABEL]))  # no finetune keys needed: the start is what changes
+    for bad, match in [({"arms": ["scratch"]}, "pseudo-mask arms"), ({"teacher": True}, "relabel"),
+                       ({"finetune": {"pseudo_weight": 1.0}}, "relabel")]:
+        with pytest.raises((ConfigError, ValueError), match=match):
+            load_study(_write(tmp_path, recipes=[{**RELABEL, **bad}]))
+
+
+def test_a_relabel_recipe_fine_tunes_from_a_pretraining_on_the_start_s_labels_shared_by_its_budgets(tmp_path):
+    from dataclasses import replace
+
+    from medsass.trainer.study.jobs import start_from
+
+    jobs = _jobs(tmp_path, recipes=[RELABEL])
+    pre = {j.seed: j for j in jobs if j.kind == "pretrain"}
+    plain = {(j.seed, j.n_labels): j for j in jobs if j.arm == "end_to_end" and not j.recipe}
+    runs = [j for j in jobs if j.recipe == "relabel"]
+    assert sorted((j.seed, j.n_labels) for j in runs) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    for j in runs:
+        start, shared = pre[j.seed], f"{pre[j.seed].dir}/relabel"
+        assert j.needs == start.key and j.key != plain[(j.seed, j.n_labels)].key
+        assert j.relabel["source"] == f"{start.dir}/pretrain/final.pt" and j.relabel["store"] == "x.zarr"
+        assert j.relabel["dir"] == shared and j.config["finetune"]["pretrained"] == f"{shared}/pretrain/final.pt"
+        # the pretraining on the labels: the start's own config, on the store copy and the new labels
+        rc = j.relabel["config"]
+        assert rc["out_dir"] == shared and rc["stores"] == {"main": f"{shared}/pool.zarr"}
+        assert rc["pretrain"] == {**start.config["pretrain"], "target": "pseudo_labels/relabel"}
+        assert j.relabel["rule"]["threshold"] == "match_fg" and j.config["stores"]["main"] == "x.zarr"
+    assert len({j.relabel["dir"] for j in runs if j.seed == 0}) == 1  # the budgets of a start share it
+    # started from an adopted rerun of the start: the shared folder is the rerun's own
+    moved = start_from(runs[0], replace(pre[runs[0].seed], realization=2))
+    assert moved.relabel["dir"] == f"{pre[runs[0].seed].dir}/relabel@rerun2"
+    assert moved.config["finetune"]["pretrained"] == f"{moved.relabel['dir']}/pretrain/final.pt"
+    assert moved.relabel["config"]["stores"]["main"] == f"{moved.relabel['dir']}/pool.zarr"
+    assert moved.relabel["source"] == runs[0].relabel["source"]  # the rerun's checkpoint is in the start's folder
+
+
+def test_a_relabel_recipe_runs_end_to_end_once_per_start_and_is_reported(tmp_path):
+    import zarr
+    from medsass.manifest import read_manifest
+
+    _run_tiny_study(tmp_path, [{**RELABEL, "budgets": ["1", "2"]}])
+    rows = ledger.read_ledger(tmp_path / "res")
+    runs = [r for r in rows.values() if r.get("recipe") == "relabel"]
+    assert sorted(r["n_labels"] for r in runs) == [1, 2] and all(r["arm"] == "end_to_end" for r in runs)
+    shared = tmp_path / "out" / "runs" / "d" / "store" / "seed0" / "relabel"
+    assert runs[0]["relabel"] == runs[1]["relabel"]  # made once, by whichever run came first
+    info = runs[0]["relabel"]
+    assert info["rule"]["threshold_rule"] == "match_fg" and 0 < info["rule"]["threshold"] < 1
+    assert set(info["evals"]) == {"test", "val"} and info["pool_agreement"]["labels"]["n"] > 0
+    pool = shared / "pool.zarr"
+    labels = zarr.open_group(str(pool), mode="r")["pseudo_labels/relabel"][:]
+    df = read_manifest(pool)
+    test_rows = df.loc[(df["split"] == "test") & (df["row"] >= 0), "row"].to_numpy()
+    assert labels[test_rows].sum() == 0 and labels.sum() > 0 and set(map(int, labels.ravel())) <= {0, 1}
+    assert not (shared.parent / "relabel" / "pool.zarr.partial").exists() and (shared / "pretrain" / "final.pt").exists()
+    for r in runs:  # fine-tuned from the re-labelled pretraining, on the main store
+        cfg = yaml.safe_load((Path(tmp_path / "out" / "runs" / "d" / "store" / "seed0" / f"n{r['n_labels']:03d}_relabel"
+                                   / "end_to_end" / "config.yaml")).read_text())
+        assert cfg["finetune"]["pretrained"] == str(shared / "pretrain" / "final.pt")
+    table = (tmp_path / "res" / "table.md").read_text()
+    recipes = table.split("### Fine-tune recipes on the test split")[1].split("###")[0]
+    assert "end-to-end + relabel − end-to-end" in recipes and "the pool re-labelled by the pretrained model" in recipes
+    assert "relabel start: pretrain" in table  # its compute, counted once
+    before = (tmp_path / "res" / "results.jsonl").read_text()
+    res = CliRunner().invoke(main, ["study", str(tmp_path / "s.yaml")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "res" / "results.jsonl").read_text() == before

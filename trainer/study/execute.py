@@ -14,10 +14,13 @@ it: later calls fail those dependents at once instead of starting them from it.
 from __future__ import annotations
 
 import csv
+import fcntl
 import multiprocessing as mp
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +31,14 @@ from medsass.trainer.mask_quality import pool_agreement
 from medsass.trainer.records import select_rows
 from medsass.trainer.run import plan_run, run_stages
 from medsass.trainer.study import ledger
-from medsass.trainer.selftrain import relabel
-from medsass.trainer.study.jobs import TEACHER_LABELS, Job, adopted_reruns, partner_runs, start_from, twin_realizations
+from medsass.trainer.selftrain import provenance, relabel
+from medsass.trainer.study.jobs import RELABEL_LABELS, TEACHER_LABELS, Job, adopted_reruns, partner_runs, start_from, twin_realizations
 from medsass.trainer.study.ledger import reproduces
 from medsass.trainer.study.spec import SSLSpec
 from medsass.trainer.suggest import suggest
 
 from medsass.errors import MedsassError
-from medsass.manifest import read_json, read_manifest, write_json
+from medsass.manifest import file_digest, read_json, read_manifest, write_json
 from medsass.metrics import micro_iou
 
 COUNT_KEYS = ("tp", "fp", "fn")
@@ -44,6 +47,7 @@ COUNT_KEYS = ("tp", "fp", "fn")
 def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, Any]:
     """Run one job (finished stages are skipped by the trainer) and return its ledger row."""
     teacher = _teach(job, ssl_spec, keep_final) if job.teacher is not None else None
+    relabelled = _relabel(job) if job.relabel is not None else None
     cfg = load_config(job.config)
     row: dict[str, Any] = {
         "key": job.key, "kind": job.kind, "dataset": job.dataset, "target": job.target, "arm": job.arm, "seed": job.seed,
@@ -57,6 +61,8 @@ def run_job(job: Job, ssl_spec: SSLSpec, keep_final: bool = False) -> dict[str, 
         row["init_weights"] = job.init_weights
     if teacher is not None:
         row["teacher"] = teacher
+    if relabelled is not None:
+        row["relabel"] = relabelled
     t0 = time.time()
     if job.kind == "ssl":
         from medsass.trainer.study.ssl import run_ssl  # lazy: lightly (and pytorch_lightning) take ~4 s to import
@@ -123,6 +129,64 @@ def _teach(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> dict[str, Any]:
     return {"key": teacher["key"], "evals": trow["evals"], "labeled_ids": trow["labeled_ids"],
             "train_metrics": trow["train_metrics"], "seconds": {**trow["seconds"], "relabel": round(time.time() - t0, 1)},
             "pool_agreement": {k: agreement[k] for k in ("iou", "iou_per_image_mean", "n")}}
+
+
+def _relabel(job: Job) -> dict[str, Any]:
+    """A relabel recipe's start, made once per start (the runs of its budgets share ``job.relabel["dir"]``, one at a
+    time under a lock): the start's checkpoint re-labels the pool (train and val, never test) in a copy of the store,
+    written under a temporary name and renamed when complete; a fresh model is pretrained on those labels (resumed
+    like any pretraining) and scored without labels on the test and val splits. Returns what ``relabel.json`` in the
+    folder holds: the rule (with the threshold used), the labels' and the pseudo-masks' IoU on the pool's labeled
+    records, the zero-shot scores and the seconds each part took (once, not per run)."""
+    r = job.relabel
+    shared = Path(r["dir"])
+    shared.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(r["config"])
+    pool, splits, target = Path(cfg.stores["main"]), list(cfg.pretrain.splits), cfg.pretrain.target
+    info_path = shared / "relabel.json"
+    with _exclusive(shared / ".lock"):
+        source_sha = file_digest(r["source"])
+        if pool.exists() and (provenance(pool, RELABEL_LABELS) or {}).get("source_sha256") != source_sha:
+            raise MedsassError(f"{pool} holds labels made from another checkpoint than {r['source']} (its pretraining was "
+                               f"run again since?): delete {shared} and run again")
+        if info_path.exists():
+            return read_json(info_path)
+        t0 = time.time()
+        if not pool.exists():
+            tmp = pool.with_name(pool.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(r["store"], tmp)
+            rule = r["rule"]
+            relabel(tmp, r["source"], RELABEL_LABELS, splits=splits, mode=rule["mode"], threshold=rule["threshold"],
+                    min_fg=rule["min_fg"], max_fg=rule["max_fg"], batch_size=cfg.evaluate.batch_size)
+            tmp.rename(pool)
+        t1 = time.time()
+        results = run_stages(cfg, ["pretrain"])
+        t2 = time.time()
+        run_stages(cfg, ["evaluate"])
+        rjob = replace(job, dir=str(shared), config=r["config"], relabel=None, teacher=None)
+        ckpt = shared / "pretrain" / "final.pt"
+        evals = {"test": _per_image(shared / "evaluate" / "per_image.csv", "test"), "val": evaluate_val(rjob, ckpt)}
+        rows = select_rows(pool, splits=splits, target=target)
+        quality = {name: {k: q[k] for k in ("iou", "iou_per_image_mean", "n")}
+                   for name, t in (("labels", target), ("pseudo_masks", "pseudo_mask"))
+                   for q in [pool_agreement({"main": pool}, {"main": rows}, t)]}
+        info = {"rule": provenance(pool, RELABEL_LABELS)["rule"], "source_sha256": source_sha, "pool_agreement": quality,
+                "evals": evals, "train_metrics": results["pretrain"].metrics,
+                "seconds": {"relabel": round(t1 - t0, 1), "pretrain": round(t2 - t1, 1), "evaluate": round(time.time() - t2, 1)}}
+        write_json(info, info_path)
+        return info
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing) for the block: parallel runs wait for each other."""
+    with path.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _suggest(job: Job, cfg) -> None:

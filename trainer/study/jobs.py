@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medsass.trainer import weights
-from medsass.trainer.config import FinetuneConfig
+from medsass.trainer.config import FinetuneConfig, load_config
 from medsass.trainer.study.ledger import same_realizations
 from medsass.trainer.study.spec import (PSEUDO_ARMS, WEIGHT_ARMS, RecipeSpec, Study, budget_count, budget_counts,
                                         parse_budget, recipe_train)
@@ -93,6 +93,10 @@ class Job:
     # a teacher recipe's run: {"config": the arm's plain fine-tune (out_dir <dir>/teacher), "key": that run's key in
     # the grid, "store": the store copied to config.stores.main (<dir>/pool.zarr) before the teacher's labels go in}
     teacher: dict[str, Any] | None = None
+    # a relabel recipe's run: {"dir": the folder shared by the runs of one start (<start>/relabel), "source": the start's
+    # checkpoint that re-labels the pool, "store": the store copied to <dir>/pool.zarr before the labels go in,
+    # "config": the pretraining on those labels (out_dir <dir>), "rule": the re-labelling rule (train.selftrain)}
+    relabel: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -332,6 +336,21 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
         cfg["stores"]["main"] = str(out / TEACHER_STORE)
         cfg["pretrain"]["target"] = f"pseudo_labels/{TEACHER_LABELS}"
         extra = {"teacher": plain.key}
+    relabel = None
+    if recipe is not None and recipe.relabel:  # the start re-labels the pool; a fresh model pretrains on those labels
+        if target in d.pool_extra:
+            raise MedsassError(f"recipes.{recipe.name}.relabel: {d.name}'s {target} pretrains on several stores; re-labelling "
+                               "covers one store: use it on a target of the dataset's own pool")
+        shared = Path(source.dir) / RELABEL_DIR
+        pre_cfg = copy.deepcopy(source.config)
+        pre_cfg.update(out_dir=str(shared), stores={"main": str(shared / RELABEL_STORE)})
+        pre_cfg["pretrain"]["target"] = f"pseudo_labels/{RELABEL_LABELS}"
+        st = load_config({**train, "out_dir": "x", "stores": {"main": "x"}}).selftrain
+        rule = {"mode": st.mode, "threshold": st.threshold, "min_fg": st.min_fg, "max_fg": st.max_fg}
+        relabel = {"dir": str(shared), "source": fc["pretrained"], "store": d.stores[target], "config": pre_cfg,
+                   "rule": rule}
+        fc["pretrained"] = str(shared / "pretrain" / "final.pt")
+        extra = {"relabel": rule}
     ident = _identity(cfg, kind="finetune", arm=arm, data=data_id(target, pseudo=reads_pseudo),
                       source=source.key if source else None, **extra)
     if arm == "weights":
@@ -346,12 +365,16 @@ def _finetune_job(study, train, d: StudyData, target, arm, seed, n, names, facto
     return Job("finetune", d.name, target, arm, seed, str(out), cfg, ident, n_labels=n, budgets=list(names),
                steps_factor=factor, needs=source.key if source else None, sites=d.sites, site_splits=d.site_splits,
                priority=_priority(tier, seed, d_i, n, factor), init_weights=w.ident if w and arm in WEIGHT_ARMS else None,
-               recipe=recipe.name if recipe else None, teacher=teacher)
+               recipe=recipe.name if recipe else None, teacher=teacher, relabel=relabel)
 
 
 # a teacher recipe's run: the copy of its store that holds the teacher's labels, and their name there
 TEACHER_STORE = "pool.zarr"
 TEACHER_LABELS = "teacher"
+# a relabel recipe's runs of one start: their shared folder in the start's, its store copy, and the labels' name
+RELABEL_DIR = "relabel"
+RELABEL_STORE = "pool.zarr"
+RELABEL_LABELS = "relabel"
 
 
 def strategy_targets(st, d: StudyData) -> list[str]:
@@ -399,8 +422,12 @@ def start_from(job: Job, start: Job) -> Job:
     a folder of its own (``<folder>@rerun<k>``), so that the checkpoints a ledger run from the original start may have
     left in its folder are never resumed as this run's."""
     home = f"{job.dir}@rerun{start.realization}"
-    return replace(job, identity={**job.identity, "source": start.key}, needs=start.key, dir=home,
-                   config=_rehome(job.config, job.dir, home), teacher=_rehome(job.teacher, job.dir, home))
+    config, relabel = _rehome(job.config, job.dir, home), job.relabel
+    if relabel is not None:  # the shared re-labelled pretraining of the rerun: a folder of its own too
+        shared = f"{relabel['dir']}@rerun{start.realization}"
+        config, relabel = _rehome(config, relabel["dir"], shared), _rehome(relabel, relabel["dir"], shared)
+    return replace(job, identity={**job.identity, "source": start.key}, needs=start.key, dir=home, config=config,
+                   teacher=_rehome(job.teacher, job.dir, home), relabel=relabel)
 
 
 def _rehome(data: Any, old: str, new: str) -> Any:

@@ -100,13 +100,14 @@ def _digest(value: Any) -> str:
 
 def _blob_slots(row: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
     """(container, field) of every list that may go to a blob: labeled ids, each eval's ids and floor counts (and
-    those of the teacher a teacher recipe's run carries)."""
+    those of the teacher a teacher recipe's run carries, and of the re-labelled start a relabel recipe's run carries)."""
     yield row, "labeled_ids"
     for ev in row.get("evals", {}).values():
         yield ev, "ids"
         yield ev, "floor_counts"
-    if isinstance(row.get("teacher"), dict):  # a teacher recipe's run carries its teacher's row
-        yield from _blob_slots(row["teacher"])
+    for part in ("teacher", "relabel"):  # a teacher recipe's run carries its teacher's row, a relabel recipe's its start's
+        if isinstance(row.get(part), dict):
+            yield from _blob_slots(row[part])
 
 
 def _refs(row: dict[str, Any]) -> Iterator[str]:

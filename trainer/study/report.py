@@ -35,6 +35,7 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
     reruns = {j.key for j in jobs if j.realization}
     base_of = {j.key: replace(j, realization=0).key for j in jobs if j.realization}  # a rerun -> the run it reruns
     twin = ledger.same_realizations(rows)  # a rerun -> the earlier realization it reproduced: one start, for pairing
+    zero_shots: set[tuple] = set()  # relabel recipes' starts already listed (the runs of one start share it)
     for job in jobs:
         row = rows.get(job.key)
         if row is None or "evals" not in row:
@@ -59,6 +60,14 @@ def runs_from_ledger(rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[d
                 for recipe, factor in job.names:
                     out.append({**base, "arm": recipe_arm(job.arm, recipe), "steps_factor": factor,
                                 "counts": np.array(ev["counts"])})
+        relabelled = row.get("relabel") or {}
+        for where, ev in relabelled.get("evals", {}).items():  # a relabel recipe's start, scored without labels: once
+            start = (job.dataset, where, job.target, job.recipe, job.seed, job.needs)
+            if where != "val" and start not in zero_shots:
+                zero_shots.add(start)
+                out.append({**common, "eval": where, "ids": ev["ids"], "arm": f"zero_shot+{job.recipe}", "n_labels": 0,
+                            "budgets": [], "steps_factor": 1, "labeled_ids": [], "seconds": relabelled["seconds"],
+                            "counts": np.array(ev["counts"]), "relabel_quality": relabelled["pool_agreement"]})
         teacher = row.get("teacher") or {}
         for where, ev in teacher.get("evals", {}).items():  # a teacher recipe's run: its teacher, trained in the run
             out.append({**common, "key": teacher["key"], "labeled_ids": teacher["labeled_ids"], "seconds": teacher["seconds"],
@@ -74,6 +83,8 @@ def kept_start(row: dict[str, Any], pre: dict[str, Any] | None, job: Job) -> lis
     start (the pretrained model) is the first best.pt candidate, so it is kept when its val IoU (the pretraining row's
     val evaluation) is at least the fine-tune's best; the fine-tune's trajectory is the same either way
     (tests/trainer/test_keep_start.py), so this is the run with keep_start, without running it again."""
+    if row.get("relabel"):  # a relabel recipe's run starts from the model pretrained on the re-labelled pool
+        pre = row["relabel"]
     if (job.kind != "finetune" or job.arm != "end_to_end" or job.steps_factor != 1
             or pre is None or "val" not in pre.get("evals", {}) or "best_val_iou" not in row.get("train_metrics", {})):
         return []
@@ -123,6 +134,7 @@ class Index:
         self.by_start: dict[tuple, dict[int, dict[str | None, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
         self.ids: dict[tuple, tuple] = {}
         self._diffs: dict[tuple, Estimate | None] = {}
+        self.relabel_quality: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
         for r in runs:
             k, seed = (r["dataset"], r["eval"], r["target"], r["arm"], r["n_labels"], r["steps_factor"]), r["seed"]
             self.by_start[k][seed][r.get("start")] = r["counts"]
@@ -131,6 +143,8 @@ class Index:
                 self.starts[k][seed] = r.get("start")
                 self.start_bases[k][seed] = r.get("start_base", r.get("start"))
             self.ids[(r["dataset"], r["eval"])] = tuple(r["ids"])
+            if "relabel_quality" in r:  # a relabel recipe's labels and the pseudo-masks on the pool's labeled records
+                self.relabel_quality[(r["dataset"], r["target"], r["arm"])][seed] = r["relabel_quality"]
 
     def arm(self, key: tuple, reps: int) -> Estimate | None:
         by_seed = self.counts.get(key)
@@ -311,7 +325,9 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
                 pairs = [((var, t), c) for c in cols if c != (var, t)]
                 teacher = (", the pool's targets its teacher's predictions (the arm's plain fine-tune, trained again in "
                            "the run)") if r.teacher else ""
-                block = [f"`{r.name}`: finetune {r.finetune}{teacher}", "",
+                what = f"finetune {r.finetune}" if r.finetune else "the fine-tune as the arm's"
+                note = relabel_note(r.name, d, t, idx, where, reps) if r.relabel else ""
+                block = [f"`{r.name}`: {what}{teacher}{note}", "",
                          "| labels | " + " | ".join(arm_label(*c, main) for c in cols) + " | "
                          + " | ".join(f"{arm_label(*a, main)} − {arm_label(*b, main)}" for a, b in pairs) + " |",
                          "|---:|" + "---:|" * (len(cols) + len(pairs))]
@@ -323,6 +339,20 @@ def recipes_section(study: Study, d: StudyData, idx: Index, where: str) -> list[
                 if arm == "end_to_end":
                     blocks += kept_recipe_block(r.name, t, ns, idx, key, main, reps)
     return join_blocks(blocks)
+
+
+def relabel_note(recipe: str, d: StudyData, t: str, idx: Index, where: str, reps: int) -> str:
+    """What a relabel recipe's start was: its labels against the pseudo-masks on the pool's labeled records, and the
+    model pretrained on them scored without labels beside the first pretraining (seed means)."""
+    quality = idx.relabel_quality.get((d.name, t, f"zero_shot+{recipe}"), {})
+    if not quality:
+        return ""
+    mean = lambda part, k: float(np.mean([q[part][k] for q in quality.values()]))  # noqa: E731
+    zero = lambda arm: fmt(idx.arm((d.name, where, t, arm, 0, 1), reps))  # noqa: E731
+    return (f"; the pool re-labelled by the pretrained model, and a fresh model pretrained on those labels: the labels "
+            f"score IoU {mean('labels', 'iou'):.3f} on the pool's {int(mean('labels', 'n'))} labeled records (the "
+            f"pseudo-masks {mean('pseudo_masks', 'iou'):.3f}; {len(quality)} seed(s)); without labels the re-labelled "
+            f"pretraining scores {zero(f'zero_shot+{recipe}')} here (the first pretraining {zero('zero_shot')})")
 
 
 def kept_recipe_block(recipe: str, t: str, ns: list[int], idx: Index, key, main: str, reps: int) -> list[list[str]]:
@@ -461,6 +491,7 @@ def convergence(study: Study, d: StudyData, idx: Index, budgets: dict[int, list[
 def compute(d: StudyData, rows: dict[str, dict[str, Any]], jobs: list[Job]) -> list[str]:
     parts: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
+    relabelled: set[str] = set()
     for j in jobs:
         r = rows.get(j.key)
         if r is None or j.dataset != d.name:
@@ -468,6 +499,13 @@ def compute(d: StudyData, rows: dict[str, dict[str, Any]], jobs: list[Job]) -> l
         count[j.kind] += 1
         for part, sec in r["seconds"].items():
             parts[f"{j.kind}: {part}"] += sec
+        for part, sec in (r.get("teacher") or {}).get("seconds", {}).items():  # trained inside a teacher recipe's run
+            parts[f"{j.kind}: teacher {part}"] += sec
+        start = r.get("relabel")
+        if start and start["source_sha256"] not in relabelled:  # a relabel recipe's start: once, shared by its runs
+            relabelled.add(start["source_sha256"])
+            for part, sec in start["seconds"].items():
+                parts[f"relabel start: {part}"] += sec
     for t, store in d.stores.items():
         if t not in d.pool_extra:  # a pooled target reuses the main store
             parts[f"prep ({t})"] += prep_seconds(store) or 0.0

@@ -181,7 +181,7 @@ class RecipeSpec:
     arm as the grid runs it (``end-to-end + NAME − end-to-end``) and with scratch."""
 
     name: str  # letters, digits, _ and -; the runs go to <seed>/n<NNN>_<name>/
-    finetune: dict[str, Any]  # trainer finetune keys (nested sections allowed), over the study's train.finetune
+    finetune: dict[str, Any] = field(default_factory=dict)  # trainer finetune keys (nested allowed), over train.finetune
     arms: list[str] = field(default_factory=lambda: ["end_to_end"])
     budgets: list[str] = field(default_factory=lambda: ["1", "2", "5"])
     targets: list[str] = field(default_factory=list)  # pseudo-mask targets of the pseudo-mask arms; [] = the main one
@@ -190,12 +190,24 @@ class RecipeSpec:
     # predictions (p >= 0.5) of the same arm's plain fine-tune (same start, labels and seed; trained again in the
     # run's folder teacher/), its best val checkpoint, written to a copy of the store (pool.zarr in the run's folder)
     teacher: bool = False
+    # one round of label-free self-training before the fine-tune (pseudo-mask arms only): the arm's pretrained model
+    # re-labels the pool (the rule of the study's train.selftrain section: by default the threshold at which the pool's
+    # foreground fraction matches its pseudo-masks'), in a copy of the store, and a fresh model is pretrained on those
+    # labels (the same schedule); the arm fine-tunes from it. Once per start (<start>/relabel/), shared by the budgets
+    relabel: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
             raise ValueError(f"recipes: name {self.name!r}: use letters, digits, _ and - only")
-        if not self.finetune:
+        if not self.finetune and not self.relabel:
             raise ValueError(f"recipes.{self.name}.finetune is empty: name the finetune keys it changes")
+        if self.relabel:
+            if self.teacher or self.fits_pseudo_masks:
+                raise ValueError(f"recipes.{self.name}.relabel: a re-labelled pretraining is fine-tuned plainly; drop "
+                                 "teacher and finetune.pseudo_weight (or relabel)")
+            if any(a not in PSEUDO_ARMS for a in self.arms):
+                raise ValueError(f"recipes.{self.name}.relabel: only the pseudo-mask arms ({', '.join(PSEUDO_ARMS)}) have "
+                                 f"a pretrained model to re-label the pool with; got arms {self.arms}")
         fixed = sorted(set(self.finetune) & set(RECIPE_FIXED))
         if fixed:
             raise ValueError(f"recipes.{self.name}.finetune: {fixed} define the comparison (start, labels, what is "
