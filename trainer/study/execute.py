@@ -117,13 +117,8 @@ def _teach(job: Job, ssl_spec: SSLSpec, keep_final: bool) -> dict[str, Any]:
     trow = run_job(tjob, ssl_spec, keep_final)
     pool = Path(job.config["stores"]["main"])
     t0 = time.time()
-    if not pool.exists():
-        tmp = pool.with_name(pool.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(teacher["store"], tmp)
-        relabel(tmp, Path(tjob.dir) / "finetune" / "best.pt", TEACHER_LABELS, splits=job.config["pretrain"]["splits"],
-                mode="hard", threshold=0.5)
-        tmp.rename(pool)
+    _labelled_copy(teacher["store"], pool, Path(tjob.dir) / "finetune" / "best.pt", TEACHER_LABELS,
+                   splits=job.config["pretrain"]["splits"], mode="hard", threshold=0.5)
     pool_rows = select_rows(pool, splits=job.config["pretrain"]["splits"], target=job.config["pretrain"]["target"])
     agreement = pool_agreement({"main": pool}, {"main": pool_rows}, job.config["pretrain"]["target"])
     return {"key": teacher["key"], "evals": trow["evals"], "labeled_ids": trow["labeled_ids"],
@@ -152,14 +147,8 @@ def _relabel(job: Job) -> dict[str, Any]:
         if info_path.exists():
             return read_json(info_path)
         t0 = time.time()
-        if not pool.exists():
-            tmp = pool.with_name(pool.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(r["store"], tmp)
-            rule = r["rule"]
-            relabel(tmp, r["source"], RELABEL_LABELS, splits=splits, mode=rule["mode"], threshold=rule["threshold"],
-                    min_fg=rule["min_fg"], max_fg=rule["max_fg"], batch_size=cfg.evaluate.batch_size)
-            tmp.rename(pool)
+        _labelled_copy(r["store"], pool, r["source"], RELABEL_LABELS, splits=splits, batch_size=cfg.evaluate.batch_size,
+                       **r["rule"])
         t1 = time.time()
         results = run_stages(cfg, ["pretrain"])
         t2 = time.time()
@@ -176,6 +165,19 @@ def _relabel(job: Job) -> dict[str, Any]:
                 "seconds": {"relabel": round(t1 - t0, 1), "pretrain": round(t2 - t1, 1), "evaluate": round(time.time() - t2, 1)}}
         write_json(info, info_path)
         return info
+
+
+def _labelled_copy(store: str | Path, pool: Path, checkpoint: str | Path, name: str, **rule: Any) -> None:
+    """``pool``: a copy of ``store`` whose ``pseudo_labels/<name>`` holds ``checkpoint``'s predictions (selftrain's
+    :func:`relabel` with ``rule``), written under a temporary name and renamed when complete, so an interruption
+    never leaves half a set of labels; nothing is done when ``pool`` exists."""
+    if pool.exists():
+        return
+    tmp = pool.with_name(pool.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(store, tmp)
+    relabel(tmp, checkpoint, name, **rule)
+    tmp.rename(pool)
 
 
 @contextmanager
