@@ -204,7 +204,8 @@ def demo_cmd(out: str, workers: int, overrides: tuple[str, ...], no_progress: bo
 def study_cmd(study_file: str, overrides: tuple[str, ...], datasets: str, seeds: str, arms: str, budgets: str, targets: str,
               strategies: str, recipes: str, max_runs: int | None,
               dry_run: bool, report_only: bool, adopt_reruns: bool, compact_ledger: bool) -> None:
-    """Run a label-efficiency study (STUDY: a study YAML, e.g. benchmarks/studies/scale_cpu.yaml); resumable.
+    """Run a label-efficiency study (STUDY: a study YAML); resumable. For your own data start from a copy of
+    benchmarks/studies/my_data.yaml (scratch against the default recipe); the scale study is scale_cpu.yaml.
 
     Every finished run is one line of RESULTS_DIR/results.jsonl; re-running skips those and resumes the
     interrupted one. Writes results.csv, table.md and one plot per dataset to the study's results_dir.
