@@ -348,13 +348,12 @@ def relabel_note(recipe: str, d: StudyData, t: str, idx: Index, where: str, reps
     if not quality:
         return ""
     mean = lambda part, k: float(np.mean([q[part][k] for q in quality.values()]))  # noqa: E731
-    zero = lambda arm: fmt(idx.arm((d.name, where, t, arm, 0, 1), reps))  # noqa: E731
-    scored = idx.arm((d.name, where, t, f"zero_shot+{recipe}", 0, 1), reps) is not None  # test; not on the sites
+    relabelled = idx.arm((d.name, where, t, f"zero_shot+{recipe}", 0, 1), reps)  # scored on test, not on the sites
     return (f"; the pool re-labelled by the pretrained model, and a fresh model pretrained on those labels: the labels "
             f"score IoU {mean('labels', 'iou'):.3f} on the pool's {int(mean('labels', 'n'))} labeled records (the "
             f"pseudo-masks {mean('pseudo_masks', 'iou'):.3f}; {len(quality)} seed(s))"
-            + (f"; without labels the re-labelled pretraining scores {zero(f'zero_shot+{recipe}')} here (the first "
-               f"pretraining {zero('zero_shot')})" if scored else ""))
+            + (f"; without labels the re-labelled pretraining scores {fmt(relabelled)} here (the first pretraining "
+               f"{fmt(idx.arm((d.name, where, t, 'zero_shot', 0, 1), reps))})" if relabelled is not None else ""))
 
 
 def kept_recipe_block(recipe: str, t: str, ns: list[int], idx: Index, key, main: str, reps: int) -> list[list[str]]:
