@@ -37,10 +37,14 @@ def _jobs(tmp_path: Path, **extra):
     return make_jobs(study, train, data)
 
 
-def _run_tiny_study(tmp_path: Path, recipes: list[dict]) -> None:
-    """Run a one-seed, one-label study of ``recipes`` on a synthetic store (2 pretrain and 2 fine-tune steps)."""
+def _run_tiny_study(tmp_path: Path, recipes: list[dict], site: bool = False) -> None:
+    """Run a one-seed, one-label study of ``recipes`` on a synthetic store (2 pretrain and 2 fine-tune steps), with a
+    second synthetic store as site ``other`` if ``site``."""
     store = make_synthetic_store(tmp_path / "main.zarr", n=40, size=32, seed=0)
-    path = _write(tmp_path, seeds=[0], budgets=["1"], datasets=[{"name": "d", "store": str(store), "targets": ["store"]}],
+    data = {"name": "d", "store": str(store), "targets": ["store"]}
+    if site:
+        data["sites"] = [{"name": "other", "store": str(make_synthetic_store(tmp_path / "site.zarr", n=12, size=32, seed=5))}]
+    path = _write(tmp_path, seeds=[0], budgets=["1"], datasets=[data],
                   recipes=recipes, train={
                       "base": "cpu_small", "model": {"encoder": TINY},
                       "pretrain": {"steps": 2, "batch_size": 4, "log_every": 1},
@@ -319,7 +323,7 @@ def test_a_relabel_recipe_runs_end_to_end_once_per_start_and_is_reported(tmp_pat
     import zarr
     from medsass.manifest import read_manifest
 
-    _run_tiny_study(tmp_path, [{**RELABEL, "budgets": ["1", "2"]}])
+    _run_tiny_study(tmp_path, [{**RELABEL, "budgets": ["1", "2"]}], site=True)
     rows = ledger.read_ledger(tmp_path / "res")
     runs = [r for r in rows.values() if r.get("recipe") == "relabel"]
     assert sorted(r["n_labels"] for r in runs) == [1, 2] and all(r["arm"] == "end_to_end" for r in runs)
@@ -327,7 +331,8 @@ def test_a_relabel_recipe_runs_end_to_end_once_per_start_and_is_reported(tmp_pat
     assert runs[0]["relabel"] == runs[1]["relabel"]  # made once, by whichever run came first
     info = runs[0]["relabel"]
     assert info["rule"]["threshold_rule"] == "match_fg" and 0 < info["rule"]["threshold"] < 1
-    assert set(info["evals"]) == {"test", "val"} and info["pool_agreement"]["labels"]["n"] > 0
+    assert set(info["evals"]) == {"test", "val", "site:other"} and info["pool_agreement"]["labels"]["n"] > 0
+    assert len(info["evals"]["site:other"]["counts"]) == len(runs[0]["evals"]["site:other"]["counts"]) > 0
     pool = shared / "pool.zarr"
     labels = zarr.open_group(str(pool), mode="r")["pseudo_labels/relabel"][:]
     df = read_manifest(pool)
@@ -342,7 +347,39 @@ def test_a_relabel_recipe_runs_end_to_end_once_per_start_and_is_reported(tmp_pat
     recipes = table.split("### Fine-tune recipes on the test split")[1].split("###")[0]
     assert "end-to-end + relabel − end-to-end" in recipes and "the pool re-labelled by the pretrained model" in recipes
     assert "relabel start: pretrain" in table  # its compute, counted once
+    at_site = table.split("### Fine-tune recipes on other")[1].split("###")[0]  # the start's zero-shot score there too
+    assert "without labels the re-labelled pretraining scores" in at_site
     before = (tmp_path / "res" / "results.jsonl").read_text()
     res = CliRunner().invoke(main, ["study", str(tmp_path / "s.yaml")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "res" / "results.jsonl").read_text() == before
+
+
+def test_a_relabel_start_made_before_its_sites_were_scored_is_scored_there_once(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from medsass.manifest import read_json, write_json
+    from medsass.trainer.study import execute
+
+    run = next(j for j in _jobs(tmp_path, recipes=[RELABEL]) if j.recipe == "relabel")
+    job = replace(run, sites={"a": "a.zarr", "b": "b.zarr"})
+    shared = tmp_path / "shared"
+    (shared / "pretrain").mkdir(parents=True)
+    old = {"evals": {"test": {"ids": ["t"], "counts": [[1, 0, 0]]}, "site:a": {"ids": ["x"], "counts": [[2, 0, 0]]}},
+           "seconds": {"pretrain": 1.0}}
+    write_json(old, shared / "relabel.json")
+    calls = []
+
+    def fake_site(j, site, store, ckpt):
+        calls.append((j.dir, site, store, str(ckpt)))
+        return {"ids": ["y"], "counts": [[3, 1, 0]], "floor_counts": []}
+
+    monkeypatch.setattr(execute, "_evaluate_site", fake_site)
+    info = execute._relabel_sites(job, shared, run.relabel["config"], read_json(shared / "relabel.json"),
+                                  shared / "relabel.json")
+    # only the missing site, from the re-labelled pretraining's checkpoint, scored in the shared folder
+    assert calls == [(str(shared), "b", "b.zarr", str(shared / "pretrain" / "final.pt"))]
+    assert info["evals"]["site:a"] == old["evals"]["site:a"] and info["evals"]["site:b"]["counts"] == [[3, 1, 0]]
+    assert read_json(shared / "relabel.json") == info and "sites" in info["seconds"]
+    execute._relabel_sites(job, shared, run.relabel["config"], info, shared / "relabel.json")
+    assert len(calls) == 1  # nothing left to score

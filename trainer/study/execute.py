@@ -130,7 +130,7 @@ def _relabel(job: Job) -> dict[str, Any]:
     """A relabel recipe's start, made once per start (the runs of its budgets share ``job.relabel["dir"]``, one at a
     time under a lock): the start's checkpoint re-labels the pool (train and val, never test) in a copy of the store,
     written under a temporary name and renamed when complete; a fresh model is pretrained on those labels (resumed
-    like any pretraining) and scored without labels on the test and val splits. Returns what ``relabel.json`` in the
+    like any pretraining) and scored without labels on the test and val splits and the sites. Returns what ``relabel.json`` in the
     folder holds: the rule (with the threshold used), the labels' and the pseudo-masks' IoU on the pool's labeled
     records, the zero-shot scores and the seconds each part took (once, not per run)."""
     r = job.relabel
@@ -145,7 +145,7 @@ def _relabel(job: Job) -> dict[str, Any]:
             raise MedsassError(f"{pool} holds labels made from another checkpoint than {r['source']} (its pretraining was "
                                f"run again since?): delete {shared} and run again")
         if info_path.exists():
-            return read_json(info_path)
+            return _relabel_sites(job, shared, r["config"], read_json(info_path), info_path)
         t0 = time.time()
         _labelled_copy(r["store"], pool, r["source"], RELABEL_LABELS, splits=splits, batch_size=cfg.evaluate.batch_size,
                        **r["rule"])
@@ -164,7 +164,22 @@ def _relabel(job: Job) -> dict[str, Any]:
                 "evals": evals, "train_metrics": results["pretrain"].metrics,
                 "seconds": {"relabel": round(t1 - t0, 1), "pretrain": round(t2 - t1, 1), "evaluate": round(time.time() - t2, 1)}}
         write_json(info, info_path)
+        return _relabel_sites(job, shared, r["config"], info, info_path)
+
+
+def _relabel_sites(job: Job, shared: Path, config: dict[str, Any], info: dict[str, Any], info_path: Path) -> dict[str, Any]:
+    """The relabel start scored without labels on each of the job's sites it has no score for yet (a start made
+    before sites were scored, or a study that added a site), saved to ``relabel.json``; called under the lock."""
+    missing = [site for site in job.sites if f"site:{site}" not in info["evals"]]
+    if not missing:
         return info
+    t0 = time.time()
+    rjob = replace(job, dir=str(shared), config=config, relabel=None, teacher=None)
+    for site in missing:
+        info["evals"][f"site:{site}"] = _evaluate_site(rjob, site, job.sites[site], shared / "pretrain" / "final.pt")
+    info["seconds"]["sites"] = round(info["seconds"].get("sites", 0.0) + time.time() - t0, 1)
+    write_json(info, info_path)
+    return info
 
 
 def _labelled_copy(store: str | Path, pool: Path, checkpoint: str | Path, name: str, **rule: Any) -> None:

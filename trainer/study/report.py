@@ -348,7 +348,7 @@ def relabel_note(recipe: str, d: StudyData, t: str, idx: Index, where: str, reps
     if not quality:
         return ""
     mean = lambda part, k: float(np.mean([q[part][k] for q in quality.values()]))  # noqa: E731
-    relabelled = idx.arm((d.name, where, t, f"zero_shot+{recipe}", 0, 1), reps)  # scored on test, not on the sites
+    relabelled = idx.arm((d.name, where, t, f"zero_shot+{recipe}", 0, 1), reps)  # None where the start has no score
     return (f"; the pool re-labelled by the pretrained model, and a fresh model pretrained on those labels: the labels "
             f"score IoU {mean('labels', 'iou'):.3f} on the pool's {int(mean('labels', 'n'))} labeled records (the "
             f"pseudo-masks {mean('pseudo_masks', 'iou'):.3f}; {len(quality)} seed(s))"
