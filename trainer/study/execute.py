@@ -130,9 +130,9 @@ def _relabel(job: Job) -> dict[str, Any]:
     """A relabel recipe's start, made once per start (the runs of its budgets share ``job.relabel["dir"]``, one at a
     time under a lock): the start's checkpoint re-labels the pool (train and val, never test) in a copy of the store,
     written under a temporary name and renamed when complete; a fresh model is pretrained on those labels (resumed
-    like any pretraining) and scored without labels on the test and val splits and the sites. Returns what ``relabel.json`` in the
-    folder holds: the rule (with the threshold used), the labels' and the pseudo-masks' IoU on the pool's labeled
-    records, the zero-shot scores and the seconds each part took (once, not per run)."""
+    like any pretraining) and scored without labels on the test and val splits and the sites. Returns what
+    ``relabel.json`` in the folder holds: the rule (with the threshold used), the labels' and the pseudo-masks' IoU on
+    the pool's labeled records, the zero-shot scores and the seconds each part took (once, not per run)."""
     r = job.relabel
     shared = Path(r["dir"])
     shared.mkdir(parents=True, exist_ok=True)
